@@ -1,0 +1,1 @@
+//! DHT wire messages (PROTOCOL.md §7).

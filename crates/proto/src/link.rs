@@ -1,0 +1,1 @@
+//! Link frames: the channel → circuit → stream framing (PROTOCOL.md §5).

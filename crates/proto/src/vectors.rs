@@ -1,0 +1,1 @@
+//! Deterministic test vectors for PROTOCOL.md, generated from the code.
