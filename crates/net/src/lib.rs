@@ -1,1 +1,20 @@
-//! placeholder
+//! VX6 transports and the link multiplexer.
+//!
+//! Owns everything between a socket and a stream of bytes between two proven
+//! node identities:
+//! - [`tls`]: the one identity-binding mechanism (RFC 7250 raw Ed25519 public
+//!   keys, expected node id in the server name) shared by both transports;
+//! - [`transport`]: TLS 1.3 over TCP and QUIC behind one trait;
+//! - [`channel`]: the channel → circuit → stream framing with per-stream flow
+//!   control over any authenticated connection;
+//! - [`pool`]: one pooled channel per peer.
+//!
+//! It knows nothing of services, names, the DHT or relays.
+
+pub mod channel;
+mod error;
+pub mod pool;
+pub mod tls;
+pub mod transport;
+
+pub use error::{NetError, Result};
