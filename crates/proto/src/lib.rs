@@ -15,6 +15,7 @@ pub mod name;
 pub mod record;
 pub mod link;
 pub mod dhtmsg;
+pub mod nodemsg;
 pub mod vectors;
 
 mod error;
