@@ -1,11 +1,23 @@
-//! The VX6 node: daemon, local state, forwarding and the control API.
+//! The VX6 node: daemon, local state, discovery, forwarding and the control API.
 //!
 //! - [`home`]: the node's directory, identity file, daemon lock, atomic writes;
 //! - [`config`]: config.toml and the user-curated TOML state (services, pins);
 //! - [`db`]: the embedded database of what the daemon learns;
 //! - [`control`]: the local control API (Unix socket, newline-delimited JSON);
-//! - [`node`]: the running node (the embeddable SDK entry point).
+//! - [`node`]: the running node (the embeddable SDK entry point);
+//! - [`discovery`]: own records, peer sync, entry peers, name resolution;
+//! - [`dht`]: the DHT driver over channels;
+//! - [`forward`]: copying bytes between local sockets and streams.
 
 pub mod config;
+pub mod control;
 pub mod db;
+pub mod dht;
+pub mod discovery;
+mod error;
+pub mod forward;
 pub mod home;
+pub mod node;
+
+pub use error::{NodeError, Result};
+pub use node::Node;
