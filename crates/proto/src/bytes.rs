@@ -20,7 +20,9 @@ impl Writer {
     }
 
     pub fn with_capacity(n: usize) -> Self {
-        Self { buf: Vec::with_capacity(n) }
+        Self {
+            buf: Vec::with_capacity(n),
+        }
     }
 
     pub fn u8(&mut self, v: u8) -> &mut Self {
@@ -101,7 +103,9 @@ impl<'a> Reader<'a> {
     /// Takes exactly `n` bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.buf.len() {
-            return Err(Error::Truncated { needed: n - self.buf.len() });
+            return Err(Error::Truncated {
+                needed: n - self.buf.len(),
+            });
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -152,7 +156,11 @@ impl<'a> Reader<'a> {
 
     /// Ends decoding: any unread byte is an error.
     pub fn finish(self) -> Result<()> {
-        if self.buf.is_empty() { Ok(()) } else { Err(Error::TrailingBytes(self.buf.len())) }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::TrailingBytes(self.buf.len()))
+        }
     }
 }
 
@@ -163,7 +171,13 @@ mod tests {
     #[test]
     fn round_trip_and_limits() {
         let mut w = Writer::new();
-        w.u8(1).u16(2).u32(3).u64(4).bytes8(b"abc").bytes16(b"de").bytes32(b"");
+        w.u8(1)
+            .u16(2)
+            .u32(3)
+            .u64(4)
+            .bytes8(b"abc")
+            .bytes16(b"de")
+            .bytes32(b"");
         let v = w.into_vec();
         let mut r = Reader::new(&v);
         assert_eq!(r.u8().unwrap(), 1);
@@ -171,7 +185,10 @@ mod tests {
         assert_eq!(r.u32().unwrap(), 3);
         assert_eq!(r.u64().unwrap(), 4);
         assert_eq!(r.bytes8(3, "x").unwrap(), b"abc");
-        assert!(matches!(r.clone().bytes16(1, "x"), Err(Error::TooLong { .. })));
+        assert!(matches!(
+            r.clone().bytes16(1, "x"),
+            Err(Error::TooLong { .. })
+        ));
         assert_eq!(r.bytes16(2, "x").unwrap(), b"de");
         assert_eq!(r.bytes32(0, "x").unwrap(), b"");
         r.finish().unwrap();
@@ -180,7 +197,10 @@ mod tests {
     #[test]
     fn truncation_and_trailing() {
         let mut r = Reader::new(&[0, 5, 1]);
-        assert!(matches!(r.bytes16(100, "x"), Err(Error::Truncated { needed: 4 })));
+        assert!(matches!(
+            r.bytes16(100, "x"),
+            Err(Error::Truncated { needed: 4 })
+        ));
         let mut r = Reader::new(&[1, 2]);
         r.u8().unwrap();
         assert_eq!(r.finish(), Err(Error::TrailingBytes(1)));

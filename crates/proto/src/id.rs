@@ -57,7 +57,10 @@ impl fmt::Debug for NodeId {
 impl FromStr for NodeId {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let invalid = |why| Error::Invalid { what: "node id", why };
+        let invalid = |why| Error::Invalid {
+            what: "node id",
+            why,
+        };
         if s.len() != NODE_ID_TEXT_LEN {
             return Err(invalid("must be 52 base32 characters"));
         }
@@ -66,7 +69,7 @@ impl FromStr for NodeId {
             .map_err(|_| invalid("not base32"))?;
         let arr: [u8; 32] = bytes.try_into().map_err(|_| invalid("wrong length"))?;
         // Reject non-canonical text (trailing bits set) so one id has one spelling.
-        if B32.encode(&arr).to_ascii_lowercase() != s.to_ascii_lowercase() {
+        if !B32.encode(&arr).eq_ignore_ascii_case(s) {
             return Err(invalid("non-canonical base32"));
         }
         Ok(Self(arr))
@@ -80,7 +83,11 @@ pub struct OnionKey(pub [u8; 32]);
 
 impl fmt::Debug for OnionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "OnionKey({})", &B32.encode(&self.0).to_ascii_lowercase()[..8])
+        write!(
+            f,
+            "OnionKey({})",
+            &B32.encode(&self.0).to_ascii_lowercase()[..8]
+        )
     }
 }
 

@@ -58,7 +58,9 @@ impl NodeKeypair {
 
     /// Rebuilds a keypair from its 32-byte secret seed.
     pub fn from_secret_bytes(seed: &[u8; 32]) -> Self {
-        Self { signing: SigningKey::from_bytes(seed) }
+        Self {
+            signing: SigningKey::from_bytes(seed),
+        }
     }
 
     /// The secret seed, for persisting to the identity file.
@@ -115,10 +117,19 @@ mod tests {
         let k = NodeKeypair::from_secret_bytes(&[1u8; 32]);
         let sig = k.sign("vx6/v1/test", b"hello");
         verify(&k.node_id(), "vx6/v1/test", b"hello", &sig).unwrap();
-        assert_eq!(verify(&k.node_id(), "vx6/v1/other", b"hello", &sig), Err(Error::BadSignature));
-        assert_eq!(verify(&k.node_id(), "vx6/v1/test", b"hellO", &sig), Err(Error::BadSignature));
+        assert_eq!(
+            verify(&k.node_id(), "vx6/v1/other", b"hello", &sig),
+            Err(Error::BadSignature)
+        );
+        assert_eq!(
+            verify(&k.node_id(), "vx6/v1/test", b"hellO", &sig),
+            Err(Error::BadSignature)
+        );
         let other = NodeKeypair::from_secret_bytes(&[2u8; 32]);
-        assert_eq!(verify(&other.node_id(), "vx6/v1/test", b"hello", &sig), Err(Error::BadSignature));
+        assert_eq!(
+            verify(&other.node_id(), "vx6/v1/test", b"hello", &sig),
+            Err(Error::BadSignature)
+        );
     }
 
     #[test]

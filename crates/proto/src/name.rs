@@ -20,9 +20,16 @@ fn validate(what: &'static str, s: &str) -> Result<String> {
         return Err(invalid("empty"));
     }
     if s.len() > MAX_NAME_LEN {
-        return Err(Error::TooLong { what, len: s.len(), max: MAX_NAME_LEN });
+        return Err(Error::TooLong {
+            what,
+            len: s.len(),
+            max: MAX_NAME_LEN,
+        });
     }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err(invalid("only letters, digits and '-' are allowed"));
     }
     if !s.as_bytes().first().is_some_and(u8::is_ascii_lowercase) {
@@ -95,12 +102,21 @@ impl FromStr for QualifiedName {
         })?;
         let node = node.to_ascii_lowercase();
         let node_ok = NodeName::new(&node).is_ok()
-            || (node.len() >= 4 && node.len() <= crate::id::NODE_ID_TEXT_LEN
-                && node.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)));
+            || (node.len() >= 4
+                && node.len() <= crate::id::NODE_ID_TEXT_LEN
+                && node
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)));
         if !node_ok {
-            return Err(Error::Invalid { what: "service address", why: "node part is not a name or id prefix" });
+            return Err(Error::Invalid {
+                what: "service address",
+                why: "node part is not a name or id prefix",
+            });
         }
-        Ok(Self { node, service: ServiceName::new(service)? })
+        Ok(Self {
+            node,
+            service: ServiceName::new(service)?,
+        })
     }
 }
 

@@ -44,7 +44,10 @@ impl TransportKind {
         match c {
             1 => Ok(Self::Tcp),
             2 => Ok(Self::Quic),
-            t => Err(Error::UnknownTag { what: "transport", tag: t.into() }),
+            t => Err(Error::UnknownTag {
+                what: "transport",
+                tag: t.into(),
+            }),
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -61,7 +64,10 @@ impl std::str::FromStr for TransportKind {
         match s {
             "tcp" => Ok(Self::Tcp),
             "quic" => Ok(Self::Quic),
-            _ => Err(Error::Invalid { what: "transport", why: "expected tcp or quic" }),
+            _ => Err(Error::Invalid {
+                what: "transport",
+                why: "expected tcp or quic",
+            }),
         }
     }
 }
@@ -80,6 +86,26 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The rules [`Endpoint::decode`] enforces, for endpoints built in memory:
+    /// a non-zero port, and no IPv6 flow label or scope id (the encoding has
+    /// no room for them, and a scope id means nothing to a remote peer).
+    pub fn validate(&self) -> Result<()> {
+        if self.addr.port() == 0 {
+            return Err(Error::Invalid {
+                what: "endpoint",
+                why: "port 0",
+            });
+        }
+        if let SocketAddr::V6(a) = self.addr
+            && (a.flowinfo() != 0 || a.scope_id() != 0)
+        {
+            return Err(Error::Invalid {
+                what: "endpoint",
+                why: "IPv6 flow label or scope id set",
+            });
+        }
+        Ok(())
+    }
     pub fn encode(&self, w: &mut Writer) {
         w.u8(self.transport.code());
         match self.addr.ip() {
@@ -93,13 +119,24 @@ impl Endpoint {
         let ip = match r.u8()? {
             6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
             4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
-            t => return Err(Error::UnknownTag { what: "address family", tag: t.into() }),
+            t => {
+                return Err(Error::UnknownTag {
+                    what: "address family",
+                    tag: t.into(),
+                });
+            }
         };
         let port = r.u16()?;
         if port == 0 {
-            return Err(Error::Invalid { what: "endpoint", why: "port 0" });
+            return Err(Error::Invalid {
+                what: "endpoint",
+                why: "port 0",
+            });
         }
-        Ok(Self { transport, addr: SocketAddr::new(ip, port) })
+        Ok(Self {
+            transport,
+            addr: SocketAddr::new(ip, port),
+        })
     }
 }
 
@@ -133,7 +170,10 @@ impl Visibility {
         match c {
             1 => Ok(Self::Public),
             2 => Ok(Self::Private),
-            t => Err(Error::UnknownTag { what: "visibility", tag: t.into() }),
+            t => Err(Error::UnknownTag {
+                what: "visibility",
+                tag: t.into(),
+            }),
         }
     }
 }
@@ -149,6 +189,13 @@ pub trait RecordBody: Sized + Clone {
     fn encode_body(&self, w: &mut Writer);
     fn decode_body(r: &mut Reader<'_>) -> Result<Self>;
 
+    /// Checks the rules a decoded body always satisfies but an in-memory one
+    /// might not (e.g. endpoint count and ports), so that [`RecordBody::sign`]
+    /// never signs a body that would not decode back to itself.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn body_bytes(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(128);
         self.encode_body(&mut w);
@@ -156,10 +203,16 @@ pub trait RecordBody: Sized + Clone {
     }
 
     /// Signs this body with `key`, which must be the signer's key.
+    ///
+    /// Refuses ([`Error::KeyMismatch`]) a key that is not the signer's, and
+    /// refuses a body that no receiver would accept whatever the time: an
+    /// empty or over-long lifetime, or one that fails [`RecordBody::validate`].
     fn sign(self, key: &NodeKeypair) -> Result<Signed<Self>> {
         if key.node_id() != self.signer() {
             return Err(Error::KeyMismatch);
         }
+        check_lifetime(&self)?;
+        self.validate()?;
         let sig = key.sign(Self::TAG, &self.body_bytes());
         Ok(Signed { body: self, sig })
     }
@@ -186,7 +239,11 @@ impl<T: RecordBody> Signed<T> {
     /// trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         if bytes.len() > MAX_RECORD_LEN {
-            return Err(Error::TooLong { what: "record", len: bytes.len(), max: MAX_RECORD_LEN });
+            return Err(Error::TooLong {
+                what: "record",
+                len: bytes.len(),
+                max: MAX_RECORD_LEN,
+            });
         }
         let mut r = Reader::new(bytes);
         let body = T::decode_body(&mut r)?;
@@ -195,18 +252,18 @@ impl<T: RecordBody> Signed<T> {
         Ok(Self { body, sig })
     }
 
-    /// Checks signature, issue time, lifetime and expiry at `now`.
+    /// Checks issue time, lifetime, expiry at `now`, the body's structural
+    /// rules and the signature, in the order of PROTOCOL.md §4.6.
     pub fn verify(&self, now: UnixTime) -> Result<&T> {
         let b = &self.body;
         if b.issued().0 > now.0.saturating_add(MAX_CLOCK_SKEW_SECS) {
             return Err(Error::FromTheFuture);
         }
-        if b.expires() <= b.issued() || b.expires().0 - b.issued().0 > MAX_LIFETIME_SECS {
-            return Err(Error::Invalid { what: "record", why: "lifetime out of range" });
-        }
+        check_lifetime(b)?;
         if b.expires() <= now {
             return Err(Error::Expired);
         }
+        b.validate()?;
         identity::verify(&b.signer(), T::TAG, &b.body_bytes(), &self.sig)?;
         Ok(b)
     }
@@ -219,6 +276,18 @@ impl<T: RecordBody> Signed<T> {
     }
 }
 
+/// `issued < expires <= issued + MAX_LIFETIME_SECS`.
+fn check_lifetime<T: RecordBody>(b: &T) -> Result<()> {
+    let (issued, expires) = (b.issued().0, b.expires().0);
+    if expires <= issued || expires - issued > MAX_LIFETIME_SECS {
+        return Err(Error::Invalid {
+            what: "record",
+            why: "lifetime out of range",
+        });
+    }
+    Ok(())
+}
+
 fn encode_common(w: &mut Writer, seq: u64, issued: UnixTime, expires: UnixTime) {
     w.u64(seq).u64(issued.0).u64(expires.0);
 }
@@ -227,9 +296,15 @@ fn decode_common(r: &mut Reader<'_>) -> Result<(u64, UnixTime, UnixTime)> {
     Ok((r.u64()?, UnixTime(r.u64()?), UnixTime(r.u64()?)))
 }
 
-fn decode_name<T: std::str::FromStr<Err = Error>>(r: &mut Reader<'_>, what: &'static str) -> Result<T> {
+fn decode_name<T: std::str::FromStr<Err = Error>>(
+    r: &mut Reader<'_>,
+    what: &'static str,
+) -> Result<T> {
     let raw = r.bytes8(crate::name::MAX_NAME_LEN, what)?;
-    let s = std::str::from_utf8(raw).map_err(|_| Error::Invalid { what, why: "not UTF-8" })?;
+    let s = std::str::from_utf8(raw).map_err(|_| Error::Invalid {
+        what,
+        why: "not UTF-8",
+    })?;
     let v: T = s.parse()?;
     Ok(v)
 }
@@ -263,7 +338,12 @@ impl RecordBody for NodeRecord {
     }
     fn encode_body(&self, w: &mut Writer) {
         w.u8(1).raw(self.node.as_bytes());
-        w.bytes8(self.name.as_ref().map(|n| n.as_str().as_bytes()).unwrap_or_default());
+        w.bytes8(
+            self.name
+                .as_ref()
+                .map(|n| n.as_str().as_bytes())
+                .unwrap_or_default(),
+        );
         let n = self.endpoints.len().min(MAX_ENDPOINTS);
         w.u8(n as u8);
         for e in self.endpoints.iter().take(n) {
@@ -279,17 +359,26 @@ impl RecordBody for NodeRecord {
         let name = if name_raw.is_empty() {
             None
         } else {
-            let s = std::str::from_utf8(name_raw)
-                .map_err(|_| Error::Invalid { what: "node name", why: "not UTF-8" })?;
+            let s = std::str::from_utf8(name_raw).map_err(|_| Error::Invalid {
+                what: "node name",
+                why: "not UTF-8",
+            })?;
             let n = NodeName::new(s)?;
             if n.as_str() != s {
-                return Err(Error::Invalid { what: "node name", why: "not canonical lowercase" });
+                return Err(Error::Invalid {
+                    what: "node name",
+                    why: "not canonical lowercase",
+                });
             }
             Some(n)
         };
         let count = r.u8()? as usize;
         if count > MAX_ENDPOINTS {
-            return Err(Error::TooLong { what: "endpoint list", len: count, max: MAX_ENDPOINTS });
+            return Err(Error::TooLong {
+                what: "endpoint list",
+                len: count,
+                max: MAX_ENDPOINTS,
+            });
         }
         let mut endpoints = Vec::with_capacity(count);
         for _ in 0..count {
@@ -298,7 +387,29 @@ impl RecordBody for NodeRecord {
         let onion_key = OnionKey(r.array()?);
         let caps = Capabilities(r.u32()?);
         let (seq, issued, expires) = decode_common(r)?;
-        Ok(Self { node, name, endpoints, onion_key, caps, seq, issued, expires })
+        Ok(Self {
+            node,
+            name,
+            endpoints,
+            onion_key,
+            caps,
+            seq,
+            issued,
+            expires,
+        })
+    }
+    fn validate(&self) -> Result<()> {
+        if self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(Error::TooLong {
+                what: "endpoint list",
+                len: self.endpoints.len(),
+                max: MAX_ENDPOINTS,
+            });
+        }
+        for e in &self.endpoints {
+            e.validate()?;
+        }
+        Ok(())
     }
 }
 
@@ -339,7 +450,14 @@ impl RecordBody for ServiceRecord {
         let service: ServiceName = decode_canonical_name(r, "service name")?;
         let visibility = Visibility::from_code(r.u8()?)?;
         let (seq, issued, expires) = decode_common(r)?;
-        Ok(Self { node, service, visibility, seq, issued, expires })
+        Ok(Self {
+            node,
+            service,
+            visibility,
+            seq,
+            issued,
+            expires,
+        })
     }
 }
 
@@ -369,7 +487,9 @@ impl RecordBody for NameClaim {
         self.expires
     }
     fn encode_body(&self, w: &mut Writer) {
-        w.u8(1).bytes8(self.name.as_str().as_bytes()).raw(self.node.as_bytes());
+        w.u8(1)
+            .bytes8(self.name.as_str().as_bytes())
+            .raw(self.node.as_bytes());
         encode_common(w, self.seq, self.issued, self.expires);
     }
     fn decode_body(r: &mut Reader<'_>) -> Result<Self> {
@@ -377,14 +497,23 @@ impl RecordBody for NameClaim {
         let name: NodeName = decode_canonical_name(r, "node name")?;
         let node = NodeId::from_bytes(r.array()?);
         let (seq, issued, expires) = decode_common(r)?;
-        Ok(Self { name, node, seq, issued, expires })
+        Ok(Self {
+            name,
+            node,
+            seq,
+            issued,
+            expires,
+        })
     }
 }
 
 fn expect_version(r: &mut Reader<'_>) -> Result<()> {
     match r.u8()? {
         1 => Ok(()),
-        v => Err(Error::UnknownTag { what: "record version", tag: v.into() }),
+        v => Err(Error::UnknownTag {
+            what: "record version",
+            tag: v.into(),
+        }),
     }
 }
 
@@ -398,7 +527,10 @@ where
     let raw = probe.bytes8(crate::name::MAX_NAME_LEN, what)?;
     let v: T = decode_name(r, what)?;
     if v.to_string().as_bytes() != raw {
-        return Err(Error::Invalid { what, why: "not canonical lowercase" });
+        return Err(Error::Invalid {
+            what,
+            why: "not canonical lowercase",
+        });
     }
     Ok(v)
 }
