@@ -17,7 +17,11 @@ use vx6_proto::name::{NodeName, ServiceName};
 use vx6_proto::record::TransportKind;
 
 #[derive(Parser)]
-#[command(name = "vx6", version, about = "Reach localhost services on other machines by name, directly or through relays")]
+#[command(
+    name = "vx6",
+    version,
+    about = "Reach localhost services on other machines by name, directly or through relays"
+)]
 struct Cli {
     /// The node's directory (config, identity, registry, control socket).
     #[arg(long, global = true, env = "VX6_HOME")]
@@ -102,7 +106,9 @@ enum ServiceCmd {
         allow_remote_target: bool,
     },
     List(JsonFlag),
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -140,10 +146,17 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("vx6: cannot start the async runtime: {e}");
@@ -162,7 +175,13 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let home = Home::new(cli.home.clone().unwrap_or_else(Home::default_root));
     match cli.cmd {
-        Cmd::Init { name, listen, transport, peer, advertise } => init(&home, name, listen, transport, peer, advertise).await,
+        Cmd::Init {
+            name,
+            listen,
+            transport,
+            peer,
+            advertise,
+        } => init(&home, name, listen, transport, peer, advertise).await,
         Cmd::Node => run_node(home).await,
         Cmd::Status(j) => {
             let v = call(&home, Request::Status).await?;
@@ -178,7 +197,9 @@ async fn run(cli: Cli) -> Result<()> {
                     serde_json::json!({"node_id": key.node_id().to_string(), "short": key.node_id().short(), "name": cfg.name})
                 }
             };
-            print_or(j.json, &v, |v| println!("{}  {}", s(&v["name"]), s(&v["node_id"])))
+            print_or(j.json, &v, |v| {
+                println!("{}  {}", s(&v["name"]), s(&v["node_id"]))
+            })
         }
         Cmd::Reload => {
             call(&home, Request::Reload).await?;
@@ -197,7 +218,12 @@ async fn run(cli: Cli) -> Result<()> {
             let v = call(&home, Request::PeerList).await?;
             print_or(j.json, &v, |v| {
                 for p in v["peers"].as_array().into_iter().flatten() {
-                    println!("{:<28} {:<54} {}", s(&p["addr"]), s(&p["node"]), s(&p["state"]));
+                    println!(
+                        "{:<28} {:<54} {}",
+                        s(&p["addr"]),
+                        s(&p["node"]),
+                        s(&p["state"])
+                    );
                 }
             })
         }
@@ -206,7 +232,12 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Resolve { name, json } => {
             let v = call(&home, Request::Resolve { name }).await?;
             print_or(json, &v, |v| {
-                println!("{} → node {} ({})", s(&v["name"]), s(&v["node"]), s(&v["source"]));
+                println!(
+                    "{} → node {} ({})",
+                    s(&v["name"]),
+                    s(&v["node"]),
+                    s(&v["source"])
+                );
                 for e in v["endpoints"].as_array().into_iter().flatten() {
                     println!("  {}", s(e));
                 }
@@ -240,11 +271,24 @@ fn print_status(v: &Value) {
     }
     println!("peers     {}", v["peers"].as_array().map_or(0, Vec::len));
     for svc in v["services"].as_array().into_iter().flatten() {
-        let vis = if svc["private"].as_bool() == Some(true) { "private" } else { "public" };
-        println!("service   {} → {} ({vis})", s(&svc["name"]), s(&svc["target"]));
+        let vis = if svc["private"].as_bool() == Some(true) {
+            "private"
+        } else {
+            "public"
+        };
+        println!(
+            "service   {} → {} ({vis})",
+            s(&svc["name"]),
+            s(&svc["target"])
+        );
     }
     for f in v["forwards"].as_array().into_iter().flatten() {
-        println!("forward   {} → {} ({} connections)", s(&f["listen"]), s(&f["to"]), s(&f["connections"]));
+        println!(
+            "forward   {} → {} ({} connections)",
+            s(&f["listen"]),
+            s(&f["to"]),
+            s(&f["connections"])
+        );
     }
 }
 
@@ -256,24 +300,44 @@ async fn client(home: &Home) -> Result<Client> {
 async fn call(home: &Home, req: Request) -> Result<Value> {
     let mut c = client(home).await?;
     let r = c.call(&req).await?;
-    if r.ok { Ok(r.data) } else { Err(anyhow!(r.error.unwrap_or_else(|| "request failed".into()))) }
+    if r.ok {
+        Ok(r.data)
+    } else {
+        Err(anyhow!(r.error.unwrap_or_else(|| "request failed".into())))
+    }
 }
 
-async fn init(home: &Home, name: String, listen: Vec<String>, transport: String, peer: Vec<String>, advertise: Vec<String>) -> Result<()> {
+async fn init(
+    home: &Home,
+    name: String,
+    listen: Vec<String>,
+    transport: String,
+    peer: Vec<String>,
+    advertise: Vec<String>,
+) -> Result<()> {
     let name = NodeName::new(&name).map_err(|e| anyhow!("--name: {e}"))?;
-    let mut cfg = Config::new(name.as_str());
+    let mut cfg = Config::new(name.clone());
     if !listen.is_empty() {
-        cfg.listen = listen.iter().map(|a| parse_addr(a, "--listen")).collect::<Result<_>>()?;
+        cfg.listen = listen
+            .iter()
+            .map(|a| parse_addr(a, "--listen"))
+            .collect::<Result<_>>()?;
     }
     cfg.transports = match transport.as_str() {
         "both" => vec![TransportKind::Tcp, TransportKind::Quic],
-        t => vec![t.parse::<TransportKind>().map_err(|_| anyhow!("--transport: use tcp, quic or both"))?],
+        t => vec![
+            t.parse::<TransportKind>()
+                .map_err(|_| anyhow!("--transport: use tcp, quic or both"))?,
+        ],
     };
     for p in &peer {
         parse_addr(p, "--peer")?;
     }
     cfg.peers = peer;
-    cfg.advertise = advertise.iter().map(|a| parse_addr(a, "--advertise")).collect::<Result<_>>()?;
+    cfg.advertise = advertise
+        .iter()
+        .map(|a| parse_addr(a, "--advertise"))
+        .collect::<Result<_>>()?;
     let key = home.init(&cfg)?;
     println!("created node {} ({})", name, key.node_id());
     println!("home: {}", home.root().display());
@@ -281,50 +345,94 @@ async fn init(home: &Home, name: String, listen: Vec<String>, transport: String,
 }
 
 fn parse_addr(a: &str, flag: &str) -> Result<std::net::SocketAddr> {
-    a.parse().map_err(|_| anyhow!("{flag}: '{a}' is not an address: use [ipv6]:port or ipv4:port"))
+    a.parse()
+        .map_err(|_| anyhow!("{flag}: '{a}' is not an address: use [ipv6]:port or ipv4:port"))
 }
 
 async fn run_node(home: Home) -> Result<()> {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let level = std::env::var("VX6_LOG").ok().and_then(|l| l.parse::<LevelFilter>().ok()).unwrap_or(LevelFilter::INFO);
-    let filter = Targets::new().with_default(LevelFilter::WARN).with_target("vx6", level);
-    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).with(filter).init();
+    let level = std::env::var("VX6_LOG")
+        .ok()
+        .and_then(|l| l.parse::<LevelFilter>().ok())
+        .unwrap_or(LevelFilter::INFO);
+    let filter = Targets::new()
+        .with_default(LevelFilter::WARN)
+        .with_target("vx6", level);
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
     let node = vx6_node::Node::start(home.clone()).await?;
-    let eps: Vec<String> = node.local_endpoints().iter().map(|e| format!("{}/{}", e.transport, e.addr)).collect();
-    println!("node {} running; listening on {}", node.id(), eps.join(", "));
+    let eps: Vec<String> = node
+        .local_endpoints()
+        .iter()
+        .map(|e| format!("{}/{}", e.transport, e.addr))
+        .collect();
+    println!(
+        "node {} running; listening on {}",
+        node.id(),
+        eps.join(", ")
+    );
     node.run_until_signal().await?;
     Ok(())
 }
 
 async fn service(home: &Home, cmd: ServiceCmd) -> Result<()> {
     match cmd {
-        ServiceCmd::Add { name, target, private, allow, allow_remote_target } => {
+        ServiceCmd::Add {
+            name,
+            target,
+            private,
+            allow,
+            allow_remote_target,
+        } => {
             let sname = ServiceName::new(&name).map_err(|e| anyhow!("service name: {e}"))?;
             let target = parse_addr(&target, "TARGET")?;
             if !target.ip().is_loopback() && !allow_remote_target {
-                bail!("target {target} is not a loopback address; VX6 publishes local services only (pass --allow-remote-target to publish another host's port on purpose)");
+                bail!(
+                    "target {target} is not a loopback address; VX6 publishes local services only (pass --allow-remote-target to publish another host's port on purpose)"
+                );
             }
             if target.port() == 0 {
                 bail!("target {target} has port 0");
             }
             let mut ids = Vec::new();
             for a in &allow {
-                ids.push(a.parse::<NodeId>().map_err(|e| anyhow!("--allow '{a}': {e}"))?.to_string());
+                ids.push(
+                    a.parse::<NodeId>()
+                        .map_err(|e| anyhow!("--allow '{a}': {e}"))?
+                        .to_string(),
+                );
             }
             home.load_identity().context("cannot add a service")?;
             config::edit_services(home, |s| {
                 s.service.insert(
                     sname.to_string(),
-                    config::ServiceEntry { target, private, allow: ids.clone(), allow_remote_target },
+                    config::ServiceEntry {
+                        target,
+                        private,
+                        allow: ids.clone(),
+                        allow_remote_target,
+                    },
                 );
                 Ok(())
             })?;
             let cfg = Config::load(&home.config_path())?;
             if private {
-                println!("service {sname} → {target} added (private; allowed: {})", if ids.is_empty() { "nobody yet: add --allow NODEID".to_string() } else { ids.len().to_string() });
+                println!(
+                    "service {sname} → {target} added (private; allowed: {})",
+                    if ids.is_empty() {
+                        "nobody yet: add --allow NODEID".to_string()
+                    } else {
+                        ids.len().to_string()
+                    }
+                );
             } else {
-                println!("service {sname} → {target} added (public: {}.{sname})", cfg.name);
+                println!(
+                    "service {sname} → {target} added (public: {}.{sname})",
+                    cfg.name
+                );
             }
             reload_if_running(home).await
         }
@@ -334,12 +442,22 @@ async fn service(home: &Home, cmd: ServiceCmd) -> Result<()> {
             print_or(j.json, &v, |_| {
                 for (n, e) in &s_.service {
                     let vis = if e.private { "private" } else { "public" };
-                    println!("{n:<16} {:<24} {vis}{}", e.target, if e.allow.is_empty() { String::new() } else { format!(" allow={}", e.allow.len()) });
+                    println!(
+                        "{n:<16} {:<24} {vis}{}",
+                        e.target,
+                        if e.allow.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" allow={}", e.allow.len())
+                        }
+                    );
                 }
             })
         }
         ServiceCmd::Remove { name } => {
-            let removed = config::edit_services(home, |s| Ok(s.service.remove(&name.to_ascii_lowercase()).is_some()))?;
+            let removed = config::edit_services(home, |s| {
+                Ok(s.service.remove(&name.to_ascii_lowercase()).is_some())
+            })?;
             if !removed {
                 bail!("no service named '{name}'");
             }
@@ -353,7 +471,10 @@ async fn reload_if_running(home: &Home) -> Result<()> {
     if let Ok(mut c) = client(home).await {
         let r = c.call(&Request::Reload).await?;
         if !r.ok {
-            bail!("saved, but the running node could not reload: {}", r.error.unwrap_or_default());
+            bail!(
+                "saved, but the running node could not reload: {}",
+                r.error.unwrap_or_default()
+            );
         }
     }
     Ok(())
@@ -392,9 +513,19 @@ async fn connect(home: &Home, a: ConnectArgs) -> Result<()> {
     }
     let v = r.data;
     if v["pinned"].as_bool() == Some(true) {
-        eprintln!("first contact: pinned node id {} for this address", s(&v["node"]));
+        eprintln!(
+            "first contact: pinned node id {} for this address",
+            s(&v["node"])
+        );
     }
-    println!("forwarding {} → {}.{} (node {}, via {})", s(&v["listen"]), short(&v["node"]), s(&v["service"]), s(&v["node"]), s(&v["via"]));
+    println!(
+        "forwarding {} → {}.{} (node {}, via {})",
+        s(&v["listen"]),
+        short(&v["node"]),
+        s(&v["service"]),
+        s(&v["node"]),
+        s(&v["via"])
+    );
     if a.detach {
         println!("detached: forward id {}", s(&v["id"]));
         return Ok(());

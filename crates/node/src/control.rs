@@ -66,10 +66,18 @@ pub struct Response {
 
 impl Response {
     pub fn ok(data: serde_json::Value) -> Self {
-        Self { ok: true, error: None, data }
+        Self {
+            ok: true,
+            error: None,
+            data,
+        }
     }
     pub fn err(e: impl std::fmt::Display) -> Self {
-        Self { ok: false, error: Some(e.to_string()), data: serde_json::Value::Null }
+        Self {
+            ok: false,
+            error: Some(e.to_string()),
+            data: serde_json::Value::Null,
+        }
     }
 }
 
@@ -93,7 +101,12 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(NodeError::io(format!("cannot remove stale control socket {}", path.display()), e)),
+        Err(e) => {
+            return Err(NodeError::io(
+                format!("cannot remove stale control socket {}", path.display()),
+                e,
+            ));
+        }
     }
     let l = UnixListener::bind(path)
         .map_err(|e| NodeError::io(format!("cannot bind control socket {}", path.display()), e))?;
@@ -158,22 +171,37 @@ impl Client {
     /// Connects to the daemon of the home whose socket is `path`.
     pub async fn connect(path: &Path, home_display: &str) -> Result<Self> {
         let s = UnixStream::connect(path).await.map_err(|_| {
-            NodeError::NotFound(format!("no node running in {home_display}: start it with 'vx6 node'"))
+            NodeError::NotFound(format!(
+                "no node running in {home_display}: start it with 'vx6 node'"
+            ))
         })?;
         let (rd, wr) = s.into_split();
-        Ok(Self { rd: BufReader::new(rd), wr })
+        Ok(Self {
+            rd: BufReader::new(rd),
+            wr,
+        })
     }
 
     pub async fn call(&mut self, req: &Request) -> Result<Response> {
         let mut out = serde_json::to_vec(req).map_err(|e| NodeError::Invalid(e.to_string()))?;
         out.push(b'\n');
-        self.wr.write_all(&out).await.map_err(|e| NodeError::io("control socket write", e))?;
+        self.wr
+            .write_all(&out)
+            .await
+            .map_err(|e| NodeError::io("control socket write", e))?;
         let mut line = String::new();
-        let n = self.rd.read_line(&mut line).await.map_err(|e| NodeError::io("control socket read", e))?;
+        let n = self
+            .rd
+            .read_line(&mut line)
+            .await
+            .map_err(|e| NodeError::io("control socket read", e))?;
         if n == 0 {
-            return Err(NodeError::Unreachable("the node closed the control connection".into()));
+            return Err(NodeError::Unreachable(
+                "the node closed the control connection".into(),
+            ));
         }
-        serde_json::from_str(&line).map_err(|e| NodeError::Invalid(format!("bad control response: {e}")))
+        serde_json::from_str(&line)
+            .map_err(|e| NodeError::Invalid(format!("bad control response: {e}")))
     }
 
     /// Waits until the daemon closes this control connection.

@@ -18,7 +18,9 @@ use vx6_net::channel::{Channel, RecvHalf, SendHalf};
 use vx6_net::transport::Expect;
 use vx6_proto::name::{NodeName, QualifiedName, ServiceName};
 use vx6_proto::nodemsg::{self, Purpose, RecordList, SyncRequest};
-use vx6_proto::record::{Capabilities, Endpoint, NameClaim, NodeRecord, RecordBody, Signed, TransportKind};
+use vx6_proto::record::{
+    Capabilities, Endpoint, NameClaim, NodeRecord, RecordBody, Signed, TransportKind,
+};
 use vx6_proto::{NodeId, UnixTime};
 
 use crate::config;
@@ -68,10 +70,19 @@ pub fn advertisable(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V6(v6) => {
             let s0 = v6.segments()[0];
-            !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || (s0 & 0xffc0) == 0xfe80)
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s0 & 0xffc0) == 0xfe80)
                 && v6.to_ipv4_mapped().is_none()
         }
-        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_unspecified() || v4.is_link_local() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast())
+        }
     }
 }
 
@@ -82,13 +93,21 @@ pub fn sort_endpoints(eps: &mut [Endpoint], prefer: Option<TransportKind>) {
 
 /// The endpoints this node advertises now.
 pub fn own_endpoints(node: &Node) -> Vec<Endpoint> {
-    let cfg = node.inner().config.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let cfg = node
+        .inner()
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let bound = node.local_endpoints();
     let mut out = BTreeSet::new();
     if !cfg.advertise.is_empty() {
         for a in &cfg.advertise {
             for b in &bound {
-                out.insert(Endpoint { transport: b.transport, addr: *a });
+                out.insert(Endpoint {
+                    transport: b.transport,
+                    addr: *a,
+                });
             }
         }
     } else {
@@ -100,7 +119,10 @@ pub fn own_endpoints(node: &Node) -> Vec<Endpoint> {
                 for ip in &ifaces {
                     // A [::] socket is dual-stack on Linux; a 0.0.0.0 one is IPv4 only.
                     if b.addr.is_ipv6() || ip.is_ipv4() {
-                        out.insert(Endpoint { transport: b.transport, addr: SocketAddr::new(*ip, b.addr.port()) });
+                        out.insert(Endpoint {
+                            transport: b.transport,
+                            addr: SocketAddr::new(*ip, b.addr.port()),
+                        });
                     }
                 }
             } else {
@@ -108,15 +130,25 @@ pub fn own_endpoints(node: &Node) -> Vec<Endpoint> {
             }
         }
     }
-    let mut v: Vec<Endpoint> = out.into_iter().take(vx6_proto::record::MAX_ENDPOINTS).collect();
+    let mut v: Vec<Endpoint> = out
+        .into_iter()
+        .take(vx6_proto::record::MAX_ENDPOINTS)
+        .collect();
     sort_endpoints(&mut v, None);
     v
 }
 
 /// Signs a fresh NodeRecord (and NameClaim) for `endpoints` with the next seq.
-pub(crate) fn sign_own_records(node: &Node, endpoints: Vec<Endpoint>) -> Result<(Signed<NodeRecord>, Signed<NameClaim>)> {
+pub(crate) fn sign_own_records(
+    node: &Node,
+    endpoints: Vec<Endpoint>,
+) -> Result<(Signed<NodeRecord>, Signed<NameClaim>)> {
     let inner = node.inner();
-    let cfg = inner.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let cfg = inner
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let name = NodeName::new(&cfg.name)?;
     let now = now();
     let seq = inner.db.next_seq("node-record", now.0)?;
@@ -135,7 +167,14 @@ pub(crate) fn sign_own_records(node: &Node, endpoints: Vec<Endpoint>) -> Result<
         expires: now.plus(OWN_RECORD_LIFETIME),
     }
     .sign(&inner.key)?;
-    let claim = NameClaim { name, node: inner.id, seq, issued: now, expires: now.plus(OWN_RECORD_LIFETIME) }.sign(&inner.key)?;
+    let claim = NameClaim {
+        name,
+        node: inner.id,
+        seq,
+        issued: now,
+        expires: now.plus(OWN_RECORD_LIFETIME),
+    }
+    .sign(&inner.key)?;
     Ok((rec, claim))
 }
 
@@ -146,16 +185,24 @@ pub(crate) fn admit_node_record(node: &Node, bytes: &[u8]) -> Result<Option<Sign
     let rec = match Signed::<NodeRecord>::decode_verified(bytes, now()) {
         Ok(r) => r,
         Err(e) => {
-            inner.counters.records_rejected.fetch_add(1, Ordering::Relaxed);
+            inner
+                .counters
+                .records_rejected
+                .fetch_add(1, Ordering::Relaxed);
             return Err(e.into());
         }
     };
     if rec.body.node == inner.id {
         return Ok(None);
     }
-    let replaced = inner.db.put_node_record(&rec.body.node, rec.body.seq, bytes)?;
+    let replaced = inner
+        .db
+        .put_node_record(&rec.body.node, rec.body.seq, bytes)?;
     if replaced {
-        inner.counters.records_accepted.fetch_add(1, Ordering::Relaxed);
+        inner
+            .counters
+            .records_accepted
+            .fetch_add(1, Ordering::Relaxed);
         Ok(Some(rec))
     } else {
         inner.counters.records_stale.fetch_add(1, Ordering::Relaxed);
@@ -182,7 +229,13 @@ pub(crate) fn registry_records(node: &Node) -> Vec<Signed<NodeRecord>> {
 }
 
 /// Answers the RPC purposes that are not service connections.
-pub(crate) async fn handle_rpc(node: &Node, chan: &Channel, purpose: Purpose, mut send: SendHalf, mut recv: RecvHalf) -> Result<()> {
+pub(crate) async fn handle_rpc(
+    node: &Node,
+    chan: &Channel,
+    purpose: Purpose,
+    mut send: SendHalf,
+    mut recv: RecvHalf,
+) -> Result<()> {
     let body = recv.read_to_end(nodemsg::MAX_RPC_LEN).await?;
     let answer: Vec<u8> = match purpose {
         Purpose::PeerSync => {
@@ -190,15 +243,29 @@ pub(crate) async fn handle_rpc(node: &Node, chan: &Channel, purpose: Purpose, mu
             let all = registry_records(node);
             let start = req.cursor as usize;
             let limit = (req.limit as usize).min(nodemsg::MAX_SYNC_PAGE);
-            let page: Vec<Vec<u8>> = all.iter().skip(start).take(limit).map(Signed::encode).collect();
+            let page: Vec<Vec<u8>> = all
+                .iter()
+                .skip(start)
+                .take(limit)
+                .map(Signed::encode)
+                .collect();
             let next = (start + page.len() < all.len()).then(|| (start + page.len()) as u32);
-            RecordList { records: page, next }.encode()
+            RecordList {
+                records: page,
+                next,
+            }
+            .encode()
         }
         Purpose::PushRecord => {
             let rec = Signed::<NodeRecord>::decode(&body)?;
             if rec.body.node != chan.peer() {
-                node.inner().counters.records_rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(NodeError::Refused("pushed record is not the sender's own".into()));
+                node.inner()
+                    .counters
+                    .records_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(NodeError::Refused(
+                    "pushed record is not the sender's own".into(),
+                ));
             }
             if let Some(r) = admit_node_record(node, &body)? {
                 crate::dht::observe(node, &r);
@@ -206,7 +273,9 @@ pub(crate) async fn handle_rpc(node: &Node, chan: &Channel, purpose: Purpose, mu
             Vec::new()
         }
         Purpose::Dht => crate::dht::handle_request(node, chan, &body)?,
-        Purpose::Service(_) | Purpose::Catalog => return Err(NodeError::Refused("not an RPC".into())),
+        Purpose::Service(_) | Purpose::Catalog => {
+            return Err(NodeError::Refused("not an RPC".into()));
+        }
     };
     if !answer.is_empty() {
         send.send(Bytes::from(answer)).await?;
@@ -219,25 +288,41 @@ pub(crate) async fn handle_rpc(node: &Node, chan: &Channel, purpose: Purpose, mu
 pub(crate) async fn sync_with(node: Node, chan: Channel) {
     if let Some(own) = node.inner().own_record() {
         let _ = chan
-            .request(Bytes::from(Purpose::PushRecord.encode()), Bytes::from(own.encode()), 16, RPC_TIMEOUT)
+            .request(
+                Bytes::from(Purpose::PushRecord.encode()),
+                Bytes::from(own.encode()),
+                16,
+                RPC_TIMEOUT,
+            )
             .await;
     }
-    let req = SyncRequest { cursor: 0, limit: nodemsg::MAX_SYNC_PAGE as u16 };
+    let req = SyncRequest {
+        cursor: 0,
+        limit: nodemsg::MAX_SYNC_PAGE as u16,
+    };
     let Ok(raw) = chan
-        .request(Bytes::from(Purpose::PeerSync.encode()), Bytes::from(req.encode()), nodemsg::MAX_RPC_LEN, RPC_TIMEOUT)
+        .request(
+            Bytes::from(Purpose::PeerSync.encode()),
+            Bytes::from(req.encode()),
+            nodemsg::MAX_RPC_LEN,
+            RPC_TIMEOUT,
+        )
         .await
     else {
         return;
     };
     let Ok(list) = RecordList::decode(&raw, nodemsg::MAX_SYNC_PAGE) else {
-        node.inner().counters.records_rejected.fetch_add(1, Ordering::Relaxed);
+        node.inner()
+            .counters
+            .records_rejected
+            .fetch_add(1, Ordering::Relaxed);
         return;
     };
     for r in &list.records {
-        if let Ok(Some(rec)) = admit_node_record(&node, r) {
-            if rec.body.node == chan.peer() {
-                crate::dht::observe(&node, &rec);
-            }
+        if let Ok(Some(rec)) = admit_node_record(&node, r)
+            && rec.body.node == chan.peer()
+        {
+            crate::dht::observe(&node, &rec);
         }
     }
 }
@@ -293,7 +378,9 @@ async fn push_to_peers(node: &Node, rec: &Signed<NodeRecord>) {
 }
 
 /// Joins futures concurrently without pulling in the `futures` crate.
-pub(crate) async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futs: impl IntoIterator<Item = F>) {
+pub(crate) async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futs: impl IntoIterator<Item = F>,
+) {
     let mut set = tokio::task::JoinSet::new();
     for f in futs {
         set.spawn(f);
@@ -304,8 +391,17 @@ pub(crate) async fn futures_join_all<F: std::future::Future<Output = ()> + Send 
 /// Entry peers: config.toml `peers` plus the registry's, dialed by address.
 async fn dial_entry_peers(node: &Node) {
     let inner = node.inner();
-    let cfg_peers: Vec<String> = inner.config.read().unwrap_or_else(|p| p.into_inner()).peers.clone();
-    let mut addrs: Vec<(SocketAddr, Option<NodeId>)> = cfg_peers.iter().filter_map(|a| a.parse().ok()).map(|a| (a, None)).collect();
+    let cfg_peers: Vec<String> = inner
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .peers
+        .clone();
+    let mut addrs: Vec<(SocketAddr, Option<NodeId>)> = cfg_peers
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .map(|a| (a, None))
+        .collect();
     for p in inner.db.peers().unwrap_or_default() {
         match addrs.iter_mut().find(|(a, _)| *a == p.addr) {
             Some(e) => e.1 = p.node,
@@ -313,10 +409,10 @@ async fn dial_entry_peers(node: &Node) {
         }
     }
     for (addr, known) in addrs.into_iter().take(32) {
-        if let Some(k) = known {
-            if node.pool().get(&k).is_some() {
-                continue;
-            }
+        if let Some(k) = known
+            && node.pool().get(&k).is_some()
+        {
+            continue;
         }
         let _ = dial_entry(node, addr, known).await;
     }
@@ -329,15 +425,23 @@ async fn dial_entry(node: &Node, addr: SocketAddr, known: Option<NodeId>) -> Res
     let expect = known.map(Expect::Node).unwrap_or(Expect::AnyKey);
     let mut last = None;
     for t in [TransportKind::Tcp, TransportKind::Quic] {
-        match node.pool().dial(Endpoint { transport: t, addr }, expect).await {
+        match node
+            .pool()
+            .dial(Endpoint { transport: t, addr }, expect)
+            .await
+        {
             Ok(c) => {
-                inner.db.record_peer_contact(addr, c.peer(), now().0, true)?;
+                inner
+                    .db
+                    .record_peer_contact(addr, c.peer(), now().0, true)?;
                 return Ok(c);
             }
             Err(e) => last = Some(e),
         }
     }
-    let e = last.map(NodeError::from).unwrap_or_else(|| NodeError::Unreachable(format!("cannot reach {addr}")));
+    let e = last
+        .map(NodeError::from)
+        .unwrap_or_else(|| NodeError::Unreachable(format!("cannot reach {addr}")));
     if let Some(k) = known {
         let _ = inner.db.record_peer_contact(addr, k, now().0, false);
     }
@@ -349,8 +453,12 @@ pub(crate) async fn peer_add(node: &Node, addr: &str) -> Result<Value> {
     let sa = crate::node::parse_socket_addr(addr)?;
     node.inner().db.add_peer_addr(sa)?;
     match dial_entry(node, sa, None).await {
-        Ok(c) => Ok(json!({"addr": sa.to_string(), "node": c.peer().to_string(), "connected": true})),
-        Err(e) => Err(NodeError::Unreachable(format!("saved peer {sa}, but cannot reach it now: {e}"))),
+        Ok(c) => {
+            Ok(json!({"addr": sa.to_string(), "node": c.peer().to_string(), "connected": true}))
+        }
+        Err(e) => Err(NodeError::Unreachable(format!(
+            "saved peer {sa}, but cannot reach it now: {e}"
+        ))),
     }
 }
 
@@ -386,21 +494,49 @@ async fn records_for_name(node: &Node, name: &NodeName) -> (Vec<Signed<NodeRecor
 }
 
 /// Resolves `node.service` to a node and its endpoints, enforcing pins.
-pub async fn resolve_service(node: &Node, text: &str, prefer: Option<TransportKind>) -> Result<Resolved> {
-    let q: QualifiedName = text.parse().map_err(|e| NodeError::Invalid(format!("'{text}': {e}")))?;
+pub async fn resolve_service(
+    node: &Node,
+    text: &str,
+    prefer: Option<TransportKind>,
+) -> Result<Resolved> {
+    let q: QualifiedName = text
+        .parse()
+        .map_err(|e| NodeError::Invalid(format!("'{text}': {e}")))?;
     let inner = node.inner();
     let pins = config::load_pins(&inner.home)?;
     // An id prefix picks a node directly (the way out of a name clash).
-    let by_prefix = NodeName::new(&q.node).is_err() || (q.node.len() >= 8 && !pins.names.contains_key(&q.node) && {
-        registry_records(node).iter().any(|r| r.body.node.matches_prefix(&q.node))
-    });
+    let by_prefix = NodeName::new(&q.node).is_err()
+        || (q.node.len() >= 8 && !pins.names.contains_key(&q.node) && {
+            registry_records(node)
+                .iter()
+                .any(|r| r.body.node.matches_prefix(&q.node))
+        });
     let (rec, source) = if by_prefix {
-        let matches: Vec<Signed<NodeRecord>> =
-            registry_records(node).into_iter().filter(|r| r.body.node.matches_prefix(&q.node)).collect();
+        let matches: Vec<Signed<NodeRecord>> = registry_records(node)
+            .into_iter()
+            .filter(|r| r.body.node.matches_prefix(&q.node))
+            .collect();
         match matches.len() {
-            0 => return Err(NodeError::NotFound(format!("no known node id starts with '{}'", q.node))),
-            1 => (matches.into_iter().next().ok_or_else(|| NodeError::NotFound(q.node.clone()))?, Source::Registry),
-            _ => return Err(NodeError::Invalid(format!("id prefix '{}' matches {} nodes; give more characters", q.node, matches.len()))),
+            0 => {
+                return Err(NodeError::NotFound(format!(
+                    "no known node id starts with '{}'",
+                    q.node
+                )));
+            }
+            1 => (
+                matches
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| NodeError::NotFound(q.node.clone()))?,
+                Source::Registry,
+            ),
+            _ => {
+                return Err(NodeError::Invalid(format!(
+                    "id prefix '{}' matches {} nodes; give more characters",
+                    q.node,
+                    matches.len()
+                )));
+            }
         }
     } else {
         let name = NodeName::new(&q.node)?;
@@ -413,12 +549,15 @@ pub async fn resolve_service(node: &Node, text: &str, prefer: Option<TransportKi
                 Some(r) => (r.clone(), Source::Pinned),
                 None if found.is_empty() => {
                     let r = crate::dht::lookup_node(node, &pin).await.ok_or_else(|| {
-                        NodeError::NotFound(format!("'{name}' is pinned to {pin}, which cannot be found now"))
+                        NodeError::NotFound(format!(
+                            "'{name}' is pinned to {pin}, which cannot be found now"
+                        ))
                     })?;
                     (r, Source::Pinned)
                 }
                 None => {
-                    let others: Vec<String> = found.iter().map(|r| r.body.node.to_string()).collect();
+                    let others: Vec<String> =
+                        found.iter().map(|r| r.body.node.to_string()).collect();
                     return Err(NodeError::Refused(format!(
                         "'{name}' is pinned to {pin}, but is now claimed by {}; refusing a silent change (run 'vx6 peer forget {name}' to re-pin)",
                         others.join(", ")
@@ -426,9 +565,16 @@ pub async fn resolve_service(node: &Node, text: &str, prefer: Option<TransportKi
                 }
             },
             None => match found.len() {
-                0 => return Err(NodeError::NotFound(format!("no node named '{name}' found in the registry or the DHT"))),
+                0 => {
+                    return Err(NodeError::NotFound(format!(
+                        "no node named '{name}' found in the registry or the DHT"
+                    )));
+                }
                 1 => {
-                    let r = found.into_iter().next().ok_or_else(|| NodeError::NotFound(name.to_string()))?;
+                    let r = found
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| NodeError::NotFound(name.to_string()))?;
                     let id = r.body.node.to_string();
                     config::edit_pins(&inner.home, |p| {
                         p.names.insert(name.to_string(), id.clone());
@@ -438,7 +584,10 @@ pub async fn resolve_service(node: &Node, text: &str, prefer: Option<TransportKi
                 }
                 _ => {
                     let ids: Vec<String> = found.iter().map(|r| r.body.node.to_string()).collect();
-                    let example = found.first().map(|r| r.body.node.short()).unwrap_or_default();
+                    let example = found
+                        .first()
+                        .map(|r| r.body.node.short())
+                        .unwrap_or_default();
                     return Err(NodeError::Refused(format!(
                         "name clash: '{name}' is claimed by {} nodes: {}; pick one by id prefix, e.g. 'vx6 connect {example}.{} ...'",
                         ids.len(),
@@ -451,14 +600,19 @@ pub async fn resolve_service(node: &Node, text: &str, prefer: Option<TransportKi
     };
     let mut endpoints = rec.body.endpoints.clone();
     sort_endpoints(&mut endpoints, prefer);
-    if let Some(t) = prefer {
-        if endpoints.iter().any(|e| e.transport == t) {
-            endpoints.retain(|e| e.transport == t);
-        }
+    if let Some(t) = prefer
+        && endpoints.iter().any(|e| e.transport == t)
+    {
+        endpoints.retain(|e| e.transport == t);
     }
     Ok(Resolved {
         node: rec.body.node,
-        name: rec.body.name.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+        name: rec
+            .body
+            .name
+            .as_ref()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
         service: q.service,
         endpoints,
         source,

@@ -12,11 +12,20 @@ pub enum NodeError {
     #[error("{0}")]
     Proto(#[from] vx6_proto::Error),
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
-    #[error("the node at {addr} is {got}, but {expected} was expected (pinned or given with --node); if its key changed on purpose, run 'vx6 peer forget {addr}'")]
-    PinMismatch { addr: String, expected: NodeId, got: NodeId },
+    #[error(
+        "the node at {addr} is {got}, but {expected} was expected (pinned or given with --node); if its key changed on purpose, run 'vx6 peer forget {addr}'"
+    )]
+    PinMismatch {
+        addr: String,
+        expected: NodeId,
+        got: NodeId,
+    },
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -27,7 +36,10 @@ pub enum NodeError {
 
 impl NodeError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { what: what.into(), source }
+        Self::Io {
+            what: what.into(),
+            source,
+        }
     }
 }
 

@@ -16,15 +16,17 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use vx6_net::NetError;
 use vx6_net::channel::{Channel, ChannelConfig, IncomingStream};
 use vx6_net::pool::{Pool, StreamHandler};
 use vx6_net::transport::{Expect, NetConfig, Transports};
-use vx6_net::NetError;
+use vx6_proto::id::OnionKey;
 use vx6_proto::link::code;
 use vx6_proto::name::ServiceName;
 use vx6_proto::nodemsg::{self, Purpose, RecordList, SERVICE_ACCEPTED};
-use vx6_proto::id::OnionKey;
-use vx6_proto::record::{Endpoint, NameClaim, NodeRecord, RecordBody, ServiceRecord, Signed, TransportKind, Visibility};
+use vx6_proto::record::{
+    Endpoint, NameClaim, NodeRecord, RecordBody, ServiceRecord, Signed, TransportKind, Visibility,
+};
 use vx6_proto::{NodeId, NodeKeypair, UnixTime};
 
 use crate::config::{self, Config};
@@ -43,7 +45,12 @@ const SERVICE_RECORD_LIFETIME: u64 = 3600;
 
 /// The current time as protocol time.
 pub fn now() -> UnixTime {
-    UnixTime(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+    UnixTime(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
 }
 
 /// A declared service, parsed from services.toml.
@@ -114,10 +121,18 @@ pub(crate) struct Inner {
 impl Inner {
     /// This node's current signed NodeRecord, once signed.
     pub(crate) fn own_record(&self) -> Option<Signed<NodeRecord>> {
-        self.own.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(r, _)| r.clone())
+        self.own
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(r, _)| r.clone())
     }
     pub(crate) fn own_claim(&self) -> Option<Signed<NameClaim>> {
-        self.own.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, c)| c.clone())
+        self.own
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, c)| c.clone())
     }
     pub(crate) fn set_own_records(&self, rec: Signed<NodeRecord>, claim: Signed<NameClaim>) {
         *self.own.write().unwrap_or_else(|p| p.into_inner()) = Some((rec, claim));
@@ -148,11 +163,15 @@ struct Dispatch(Weak<Inner>);
 
 impl StreamHandler for Dispatch {
     fn handle(&self, chan: Channel, stream: IncomingStream) {
-        let Some(inner) = self.0.upgrade() else { return };
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
         tokio::spawn(async move { Node { inner }.handle_stream(chan, stream).await });
     }
     fn channel_up(&self, chan: &Channel) {
-        let Some(inner) = self.0.upgrade() else { return };
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
         tokio::spawn(crate::discovery::sync_with(Node { inner }, chan.clone()));
     }
 }
@@ -166,17 +185,29 @@ fn parse_services(home: &Home) -> Result<HashMap<ServiceName, Service>> {
     let mut out = HashMap::new();
     for (name, e) in file.service {
         let name = ServiceName::new(&name).map_err(|err| {
-            NodeError::Invalid(format!("{}: service '{name}': {err}", home.services_path().display()))
+            NodeError::Invalid(format!(
+                "{}: service '{name}': {err}",
+                home.services_path().display()
+            ))
         })?;
         let mut allow = Vec::new();
         for a in &e.allow {
             allow.push(a.parse::<NodeId>().map_err(|err| {
-                NodeError::Invalid(format!("{}: service '{name}': allow entry '{a}': {err}", home.services_path().display()))
+                NodeError::Invalid(format!(
+                    "{}: service '{name}': allow entry '{a}': {err}",
+                    home.services_path().display()
+                ))
             })?);
         }
         out.insert(
             name.clone(),
-            Service { name, target: e.target, private: e.private, allow, allow_remote_target: e.allow_remote_target },
+            Service {
+                name,
+                target: e.target,
+                private: e.private,
+                allow,
+                allow_remote_target: e.allow_remote_target,
+            },
         );
     }
     Ok(out)
@@ -184,7 +215,11 @@ fn parse_services(home: &Home) -> Result<HashMap<ServiceName, Service>> {
 
 /// Parses `[v6]:port` or `v4:port`.
 pub fn parse_socket_addr(s: &str) -> Result<SocketAddr> {
-    s.parse().map_err(|_| NodeError::Invalid(format!("'{s}' is not an address: use [ipv6]:port or ipv4:port")))
+    s.parse().map_err(|_| {
+        NodeError::Invalid(format!(
+            "'{s}' is not an address: use [ipv6]:port or ipv4:port"
+        ))
+    })
 }
 
 impl Node {
@@ -196,22 +231,40 @@ impl Node {
         let config = Config::load(&home.config_path())?;
         let services = parse_services(&home)?;
         let db = Db::open(&home.db_path())?;
-        let transports = Transports::bind(&key, &config.listen, &config.transports, NetConfig::default())
-            .await
-            .map_err(|e| match e {
-                NetError::Io(io) => NodeError::io(
-                    format!("cannot listen on {}", config.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")),
-                    io,
+        let transports = Transports::bind(
+            &key,
+            &config.listen,
+            &config.transports,
+            NetConfig::default(),
+        )
+        .await
+        .map_err(|e| match e {
+            NetError::Io(io) => NodeError::io(
+                format!(
+                    "cannot listen on {}",
+                    config
+                        .listen
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-                other => other.into(),
-            })?;
+                io,
+            ),
+            other => other.into(),
+        })?;
         let transports = Arc::new(transports);
         let (shutdown, _) = watch::channel(false);
         let id = key.node_id();
         let onion_secret = derive_onion_secret(&key);
-        let dht = crate::dht::DhtState::new(id, &config, &db);
+        let dht = crate::dht::DhtState::new(id, &config, &db)?;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
-            pool: Pool::new(transports.clone(), ChannelConfig::default(), Arc::new(Dispatch(weak.clone())), 4096),
+            pool: Pool::new(
+                transports.clone(),
+                ChannelConfig::default(),
+                Arc::new(Dispatch(weak.clone())),
+                4096,
+            ),
             home: home.clone(),
             key,
             id,
@@ -253,8 +306,10 @@ impl Node {
     /// Runs until SIGINT or SIGTERM (or [`Node::shutdown`]), then stops cleanly.
     pub async fn run_until_signal(&self) -> Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| NodeError::io("signal handler", e))?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| NodeError::io("signal handler", e))?;
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| NodeError::io("signal handler", e))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|e| NodeError::io("signal handler", e))?;
         let mut stop = self.inner.shutdown.subscribe();
         tokio::select! {
             _ = term.recv() => {}
@@ -284,26 +339,49 @@ impl Node {
         let cfg = Config::load(&self.inner.home.config_path())?;
         let services = parse_services(&self.inner.home)?;
         *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = cfg;
-        *self.inner.services.write().unwrap_or_else(|p| p.into_inner()) = services;
+        *self
+            .inner
+            .services
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = services;
         Ok(())
     }
 
     fn service(&self, name: &ServiceName) -> Option<Service> {
-        self.inner.services.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.inner
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn services(&self) -> Vec<Service> {
-        let mut v: Vec<Service> = self.inner.services.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut v: Vec<Service> = self
+            .inner
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     async fn handle_stream(&self, chan: Channel, s: IncomingStream) {
-        let IncomingStream { open, mut send, recv } = s;
+        let IncomingStream {
+            open,
+            mut send,
+            recv,
+        } = s;
         let purpose = match Purpose::decode(&open) {
             Ok(p) => p,
             Err(_) => {
-                self.inner.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .bad_requests
+                    .fetch_add(1, Ordering::Relaxed);
                 send.reset(code::REFUSED);
                 return;
             }
@@ -311,6 +389,12 @@ impl Node {
         match purpose {
             Purpose::Service(name) => self.serve_service(chan, name, send, recv).await,
             Purpose::Catalog => {
+                // The request has no body; wait for its end so the stream
+                // closes cleanly in both directions.
+                let mut recv = recv;
+                if recv.read_to_end(0).await.is_err() {
+                    return;
+                }
                 let list = self.catalog_for(&chan.peer());
                 let _ = send.send(Bytes::from(list.encode())).await;
                 let _ = send.finish().await;
@@ -318,7 +402,10 @@ impl Node {
             other => match crate::discovery::handle_rpc(self, &chan, other, send, recv).await {
                 Ok(()) => {}
                 Err(e) => {
-                    self.inner.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .counters
+                        .bad_requests
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(peer = %chan.peer().short(), error = %e, "rpc failed");
                 }
             },
@@ -327,7 +414,13 @@ impl Node {
 
     /// The owner side of a forwarded connection. Refuses, without connecting
     /// anywhere, anything that is not a declared service this client may use.
-    async fn serve_service(&self, chan: Channel, name: ServiceName, mut send: vx6_net::channel::SendHalf, recv: vx6_net::channel::RecvHalf) {
+    async fn serve_service(
+        &self,
+        chan: Channel,
+        name: ServiceName,
+        mut send: vx6_net::channel::SendHalf,
+        recv: vx6_net::channel::RecvHalf,
+    ) {
         let c = &self.inner.counters;
         c.service_streams.fetch_add(1, Ordering::Relaxed);
         let Some(svc) = self.service(&name) else {
@@ -338,7 +431,11 @@ impl Node {
         if !svc.visible_to(&chan.peer()) {
             c.service_not_allowed.fetch_add(1, Ordering::Relaxed);
             // A private service answers exactly like a missing one.
-            send.reset(if svc.private { code::REFUSED } else { code::NOT_ALLOWED });
+            send.reset(if svc.private {
+                code::REFUSED
+            } else {
+                code::NOT_ALLOWED
+            });
             return;
         }
         if !svc.target.ip().is_loopback() && !svc.allow_remote_target {
@@ -346,7 +443,9 @@ impl Node {
             send.reset(code::REFUSED);
             return;
         }
-        let tcp = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(svc.target)).await {
+        let tcp = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(svc.target))
+            .await
+        {
             Ok(Ok(t)) => t,
             _ => {
                 c.target_failed.fetch_add(1, Ordering::Relaxed);
@@ -354,7 +453,11 @@ impl Node {
                 return;
             }
         };
-        if send.send(Bytes::from_static(&[SERVICE_ACCEPTED])).await.is_err() {
+        if send
+            .send(Bytes::from_static(&[SERVICE_ACCEPTED]))
+            .await
+            .is_err()
+        {
             return;
         }
         forward::pump(tcp, send, recv, Bytes::new(), false).await;
@@ -372,7 +475,11 @@ impl Node {
                 let body = ServiceRecord {
                     node: self.inner.id,
                     service: s.name.clone(),
-                    visibility: if s.private { Visibility::Private } else { Visibility::Public },
+                    visibility: if s.private {
+                        Visibility::Private
+                    } else {
+                        Visibility::Public
+                    },
                     seq: now.0,
                     issued: now,
                     expires: now.plus(SERVICE_RECORD_LIFETIME),
@@ -380,13 +487,21 @@ impl Node {
                 body.sign(&self.inner.key).ok().map(|r| r.encode())
             })
             .collect();
-        RecordList { records, next: None }
+        RecordList {
+            records,
+            next: None,
+        }
     }
 
     /// Asks `chan`'s node which services it offers us.
     pub async fn fetch_catalog(&self, chan: &Channel) -> Result<Vec<ServiceRecord>> {
         let raw = chan
-            .request(Bytes::from(Purpose::Catalog.encode()), Bytes::new(), nodemsg::MAX_RPC_LEN, RPC_TIMEOUT)
+            .request(
+                Bytes::from(Purpose::Catalog.encode()),
+                Bytes::new(),
+                nodemsg::MAX_RPC_LEN,
+                RPC_TIMEOUT,
+            )
             .await?;
         let list = RecordList::decode(&raw, nodemsg::MAX_CATALOG)?;
         let now = now();
@@ -394,7 +509,9 @@ impl Node {
         for r in list.records {
             let rec = Signed::<ServiceRecord>::decode_verified(&r, now)?;
             if rec.body.node != chan.peer() {
-                return Err(NodeError::Refused("peer sent a service record signed by another node".into()));
+                return Err(NodeError::Refused(
+                    "peer sent a service record signed by another node".into(),
+                ));
             }
             out.push(rec.body);
         }
@@ -403,38 +520,61 @@ impl Node {
 
     /// Starts a local forward. Dials once first so that a wrong node id, an
     /// unreachable owner or an unknown service fail now, with a clear error.
-    pub async fn open_forward(&self, spec: &ConnectSpec, conn: Option<u64>) -> Result<serde_json::Value> {
+    pub async fn open_forward(
+        &self,
+        spec: &ConnectSpec,
+        conn: Option<u64>,
+    ) -> Result<serde_json::Value> {
         let listen = parse_socket_addr(&spec.listen)?;
         let transport: TransportKind = match spec.transport.as_deref() {
             None => TransportKind::Tcp,
-            Some(t) => t.parse().map_err(|_| NodeError::Invalid(format!("unknown transport '{t}': use tcp or quic")))?,
+            Some(t) => t.parse().map_err(|_| {
+                NodeError::Invalid(format!("unknown transport '{t}': use tcp or quic"))
+            })?,
         };
         let via = spec.via.as_deref().unwrap_or("direct");
         let (owner, endpoints, service, pinned_now) = match (&spec.addr, &spec.name) {
             (Some(addr), None) => {
                 if via != "direct" {
-                    return Err(NodeError::Invalid("--addr connects directly; use a name with --via relay".into()));
+                    return Err(NodeError::Invalid(
+                        "--addr connects directly; use a name with --via relay".into(),
+                    ));
                 }
                 let sa = parse_socket_addr(addr)?;
                 let service = spec
                     .service
                     .as_deref()
                     .ok_or_else(|| NodeError::Invalid("--addr needs --service NAME".into()))?;
-                let service = ServiceName::new(service).map_err(|e| NodeError::Invalid(format!("--service: {e}")))?;
-                let ep = Endpoint { transport, addr: sa };
+                let service = ServiceName::new(service)
+                    .map_err(|e| NodeError::Invalid(format!("--service: {e}")))?;
+                let ep = Endpoint {
+                    transport,
+                    addr: sa,
+                };
                 let (owner, pinned_now) = self.dial_pinned(ep, spec.node.as_deref()).await?;
                 (owner, vec![ep], service, pinned_now)
             }
             (None, Some(name)) => {
                 if via != "direct" {
-                    return Err(NodeError::Invalid(format!("--via {via} is not available yet on this node")));
+                    return Err(NodeError::Invalid(format!(
+                        "--via {via} is not available yet on this node"
+                    )));
                 }
                 let r = crate::discovery::resolve_service(self, name, Some(transport)).await?;
                 (r.node, r.endpoints, r.service, false)
             }
-            _ => return Err(NodeError::Invalid("give either NAME or --addr ADDR --service NAME".into())),
+            _ => {
+                return Err(NodeError::Invalid(
+                    "give either NAME or --addr ADDR --service NAME".into(),
+                ));
+            }
         };
-        let chan = self.inner.pool.connect(owner, &endpoints).await.map_err(|e| dial_error(&endpoints, e))?;
+        let chan = self
+            .inner
+            .pool
+            .connect(owner, &endpoints)
+            .await
+            .map_err(|e| dial_error(&endpoints, e))?;
         let catalog = self.fetch_catalog(&chan).await?;
         if !catalog.iter().any(|s| s.service == service) {
             return Err(NodeError::Refused(format!(
@@ -449,7 +589,9 @@ impl Node {
                 NodeError::io(format!("cannot listen on {listen}"), e)
             }
         })?;
-        let local = listener.local_addr().map_err(|e| NodeError::io("listener address", e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| NodeError::io("listener address", e))?;
         let id = self.inner.next_forward.fetch_add(1, Ordering::Relaxed);
         let connections = Arc::new(AtomicU64::new(0));
         let node = self.clone();
@@ -473,7 +615,14 @@ impl Node {
         let describe = format!("{}.{service}", owner.short());
         lock(&self.inner.forwards).insert(
             id,
-            ForwardEntry { listen: local, describe: describe.clone(), owner, conn: if spec.detach { None } else { conn }, task, connections },
+            ForwardEntry {
+                listen: local,
+                describe: describe.clone(),
+                owner,
+                conn: if spec.detach { None } else { conn },
+                task,
+                connections,
+            },
         );
         Ok(json!({
             "id": id, "listen": local.to_string(), "node": owner.to_string(), "service": service.as_str(),
@@ -486,7 +635,10 @@ impl Node {
     async fn dial_pinned(&self, ep: Endpoint, node: Option<&str>) -> Result<(NodeId, bool)> {
         let addr_key = ep.addr.to_string();
         let given = match node {
-            Some(n) => Some(n.parse::<NodeId>().map_err(|e| NodeError::Invalid(format!("--node: {e}")))?),
+            Some(n) => Some(
+                n.parse::<NodeId>()
+                    .map_err(|e| NodeError::Invalid(format!("--node: {e}")))?,
+            ),
             None => None,
         };
         let pinned = config::load_pins(&self.inner.home)?
@@ -494,10 +646,19 @@ impl Node {
             .get(&addr_key)
             .and_then(|s| s.parse::<NodeId>().ok());
         let expect = given.or(pinned).map(Expect::Node).unwrap_or(Expect::AnyKey);
-        let chan = self.inner.pool.dial(ep, expect).await.map_err(|e| match e {
-            NetError::WrongNode { expected, got } => NodeError::PinMismatch { addr: addr_key.clone(), expected, got },
-            other => dial_error(&[ep], other),
-        })?;
+        let chan = self
+            .inner
+            .pool
+            .dial(ep, expect)
+            .await
+            .map_err(|e| match e {
+                NetError::WrongNode { expected, got } => NodeError::PinMismatch {
+                    addr: addr_key.clone(),
+                    expected,
+                    got,
+                },
+                other => dial_error(&[ep], other),
+            })?;
         let got = chan.peer();
         if given.is_none() && pinned.is_none() {
             config::edit_pins(&self.inner.home, |p| {
@@ -510,7 +671,13 @@ impl Node {
         Ok((got, false))
     }
 
-    async fn forward_one(&self, tcp: TcpStream, owner: NodeId, endpoints: &[Endpoint], service: ServiceName) {
+    async fn forward_one(
+        &self,
+        tcp: TcpStream,
+        owner: NodeId,
+        endpoints: &[Endpoint],
+        service: ServiceName,
+    ) {
         let c = &self.inner.counters;
         c.forward_connections.fetch_add(1, Ordering::Relaxed);
         let chan = match self.inner.pool.connect(owner, endpoints).await {
@@ -548,7 +715,12 @@ impl Node {
 
     /// A JSON snapshot for `vx6 status`.
     pub fn status(&self) -> serde_json::Value {
-        let cfg = self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let cfg = self
+            .inner
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let peers: Vec<_> = self
             .inner
             .pool
@@ -599,11 +771,15 @@ impl Node {
 
 /// Turns a dial failure into the sentence a user should see.
 fn dial_error(endpoints: &[Endpoint], e: NetError) -> NodeError {
-    let at = endpoints.iter().map(|e| format!("{}/{}", e.transport, e.addr)).collect::<Vec<_>>().join(", ");
+    let at = endpoints
+        .iter()
+        .map(|e| format!("{}/{}", e.transport, e.addr))
+        .collect::<Vec<_>>()
+        .join(", ");
     match e {
-        NetError::WrongNode { expected, got } => {
-            NodeError::Refused(format!("the node at {at} is {got}, not the expected {expected}"))
-        }
+        NetError::WrongNode { expected, got } => NodeError::Refused(format!(
+            "the node at {at} is {got}, not the expected {expected}"
+        )),
         NetError::Timeout(_) | NetError::Io(_) | NetError::Closed => {
             NodeError::Unreachable(format!("cannot reach a node at {at}: {e}"))
         }

@@ -11,9 +11,16 @@ pub enum Error {
     #[error("{0} trailing bytes after a complete message")]
     TrailingBytes(usize),
     #[error("{what} is {len} bytes, over its limit of {max}")]
-    TooLong { what: &'static str, len: usize, max: usize },
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("invalid {what}: {why}")]
-    Invalid { what: &'static str, why: &'static str },
+    Invalid {
+        what: &'static str,
+        why: &'static str,
+    },
     #[error("unknown {what} tag {tag}")]
     UnknownTag { what: &'static str, tag: u64 },
     #[error("bad signature")]

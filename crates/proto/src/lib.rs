@@ -6,16 +6,19 @@
 //! from callers (or [`identity::fill_random`] at the edges), so every function
 //! here is deterministic and fuzzable. The byte layouts are specified in
 //! `docs/PROTOCOL.md`; tests cite its sections.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 pub mod bytes;
+pub mod dhtmsg;
 pub mod id;
 pub mod identity;
-pub mod name;
-pub mod record;
 pub mod link;
-pub mod dhtmsg;
+pub mod name;
 pub mod nodemsg;
+pub mod record;
 pub mod vectors;
 
 mod error;

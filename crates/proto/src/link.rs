@@ -83,7 +83,12 @@ impl Cmd {
             6 => Cmd::Ping,
             7 => Cmd::Pong,
             8 => Cmd::GoAway,
-            t => return Err(Error::UnknownTag { what: "frame command", tag: t.into() }),
+            t => {
+                return Err(Error::UnknownTag {
+                    what: "frame command",
+                    tag: t.into(),
+                });
+            }
         })
     }
     /// Allowed payload length range for this command.
@@ -110,7 +115,10 @@ pub struct FrameHeader {
 impl FrameHeader {
     pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
         let mut w = Writer::with_capacity(FRAME_HEADER_LEN);
-        w.u8(self.cmd.code()).u32(self.circ.0).u32(self.stream.0).u32(self.len);
+        w.u8(self.cmd.code())
+            .u32(self.circ.0)
+            .u32(self.stream.0)
+            .u32(self.len);
         let mut out = [0u8; FRAME_HEADER_LEN];
         out.copy_from_slice(w.as_slice());
         out
@@ -126,17 +134,31 @@ impl FrameHeader {
         let len = r.u32()?;
         r.finish()?;
         if !cmd.payload_len_ok(len as usize) {
-            return Err(Error::Invalid { what: "frame", why: "payload length not allowed for command" });
+            return Err(Error::Invalid {
+                what: "frame",
+                why: "payload length not allowed for command",
+            });
         }
         let channel_level = matches!(cmd, Cmd::Ping | Cmd::Pong | Cmd::GoAway);
         let stream_zero_ok = channel_level || cmd == Cmd::Window;
         if stream.0 == 0 && !stream_zero_ok {
-            return Err(Error::Invalid { what: "frame", why: "stream 0 is not a stream" });
+            return Err(Error::Invalid {
+                what: "frame",
+                why: "stream 0 is not a stream",
+            });
         }
         if channel_level && (stream.0 != 0 || circ.0 != 0) {
-            return Err(Error::Invalid { what: "frame", why: "channel-level frame on a stream" });
+            return Err(Error::Invalid {
+                what: "frame",
+                why: "channel-level frame on a stream",
+            });
         }
-        Ok(Self { cmd, circ, stream, len })
+        Ok(Self {
+            cmd,
+            circ,
+            stream,
+            len,
+        })
     }
 }
 
@@ -172,7 +194,12 @@ mod tests {
     use super::*;
 
     fn hdr(cmd: Cmd, circ: u32, stream: u32, len: u32) -> FrameHeader {
-        FrameHeader { cmd, circ: CircId(circ), stream: StreamId(stream), len }
+        FrameHeader {
+            cmd,
+            circ: CircId(circ),
+            stream: StreamId(stream),
+            len,
+        }
     }
 
     #[test]

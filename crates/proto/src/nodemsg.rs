@@ -66,14 +66,22 @@ impl Purpose {
         let p = match r.u8()? {
             1 => {
                 let raw = r.bytes8(crate::name::MAX_NAME_LEN, "service name")?;
-                let s = std::str::from_utf8(raw).map_err(|_| Error::Invalid { what: "service name", why: "not UTF-8" })?;
+                let s = std::str::from_utf8(raw).map_err(|_| Error::Invalid {
+                    what: "service name",
+                    why: "not UTF-8",
+                })?;
                 Purpose::Service(ServiceName::new(s)?)
             }
             2 => Purpose::Dht,
             3 => Purpose::PeerSync,
             4 => Purpose::Catalog,
             5 => Purpose::PushRecord,
-            t => return Err(Error::UnknownTag { what: "stream purpose", tag: t.into() }),
+            t => {
+                return Err(Error::UnknownTag {
+                    what: "stream purpose",
+                    tag: t.into(),
+                });
+            }
         };
         r.finish()?;
         Ok(p)
@@ -97,7 +105,10 @@ impl SyncRequest {
     }
     pub fn decode(b: &[u8]) -> Result<Self> {
         let mut r = Reader::new(b);
-        let s = Self { cursor: r.u32()?, limit: r.u16()? };
+        let s = Self {
+            cursor: r.u32()?,
+            limit: r.u16()?,
+        };
         r.finish()?;
         Ok(s)
     }
@@ -129,17 +140,30 @@ impl RecordList {
     /// Decodes a list of at most `max_items` records.
     pub fn decode(b: &[u8], max_items: usize) -> Result<Self> {
         if b.len() > MAX_RPC_LEN {
-            return Err(Error::TooLong { what: "record list", len: b.len(), max: MAX_RPC_LEN });
+            return Err(Error::TooLong {
+                what: "record list",
+                len: b.len(),
+                max: MAX_RPC_LEN,
+            });
         }
         let mut r = Reader::new(b);
         let next = match r.u8()? {
             0 => None,
             1 => Some(r.u32()?),
-            t => return Err(Error::UnknownTag { what: "cursor flag", tag: t.into() }),
+            t => {
+                return Err(Error::UnknownTag {
+                    what: "cursor flag",
+                    tag: t.into(),
+                });
+            }
         };
         let n = r.u16()? as usize;
         if n > max_items {
-            return Err(Error::TooLong { what: "record list", len: n, max: max_items });
+            return Err(Error::TooLong {
+                what: "record list",
+                len: n,
+                max: max_items,
+            });
         }
         let mut records = Vec::with_capacity(n);
         for _ in 0..n {
@@ -173,13 +197,19 @@ mod tests {
 
     #[test]
     fn record_list_round_trip_and_limits() {
-        let l = RecordList { records: vec![vec![1, 2, 3], vec![]], next: Some(7) };
+        let l = RecordList {
+            records: vec![vec![1, 2, 3], vec![]],
+            next: Some(7),
+        };
         assert_eq!(RecordList::decode(&l.encode(), 2).unwrap(), l);
         assert!(RecordList::decode(&l.encode(), 1).is_err());
         let mut bad = l.encode();
         bad.push(0);
         assert!(RecordList::decode(&bad, 2).is_err());
-        let s = SyncRequest { cursor: 5, limit: 64 };
+        let s = SyncRequest {
+            cursor: 5,
+            limit: 64,
+        };
         assert_eq!(SyncRequest::decode(&s.encode()).unwrap(), s);
     }
 }
