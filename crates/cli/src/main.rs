@@ -6,6 +6,17 @@
 
 use std::process::ExitCode;
 
+/// `println!` that ends the process quietly when stdout is gone (a closed
+/// pipe, e.g. `vx6 status | head`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
@@ -159,14 +170,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("vx6: cannot start the async runtime: {e}");
+            eout!("vx6: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vx6: {e:#}");
+            eout!("vx6: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -198,19 +209,19 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             };
             print_or(j.json, &v, |v| {
-                println!("{}  {}", s(&v["name"]), s(&v["node_id"]))
+                out!("{}  {}", s(&v["name"]), s(&v["node_id"]))
             })
         }
         Cmd::Reload => {
             call(&home, Request::Reload).await?;
-            println!("reloaded");
+            out!("reloaded");
             Ok(())
         }
         Cmd::Peer(PeerCmd::Add { addr }) => {
             let v = call(&home, Request::PeerAdd { addr: addr.clone() }).await?;
             match v.get("node").and_then(Value::as_str) {
-                Some(n) => println!("added peer {addr} (node {n})"),
-                None => println!("added peer {addr}"),
+                Some(n) => out!("added peer {addr} (node {n})"),
+                None => out!("added peer {addr}"),
             }
             Ok(())
         }
@@ -218,7 +229,7 @@ async fn run(cli: Cli) -> Result<()> {
             let v = call(&home, Request::PeerList).await?;
             print_or(j.json, &v, |v| {
                 for p in v["peers"].as_array().into_iter().flatten() {
-                    println!(
+                    out!(
                         "{:<28} {:<54} {}",
                         s(&p["addr"]),
                         s(&p["node"]),
@@ -232,14 +243,14 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Resolve { name, json } => {
             let v = call(&home, Request::Resolve { name }).await?;
             print_or(json, &v, |v| {
-                println!(
+                out!(
                     "{} → node {} ({})",
                     s(&v["name"]),
                     s(&v["node"]),
                     s(&v["source"])
                 );
                 for e in v["endpoints"].as_array().into_iter().flatten() {
-                    println!("  {}", s(e));
+                    out!("  {}", s(e));
                 }
             })
         }
@@ -257,7 +268,7 @@ fn s(v: &Value) -> String {
 
 fn print_or(json: bool, v: &Value, human: impl FnOnce(&Value)) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        out!("{}", serde_json::to_string_pretty(v)?);
     } else {
         human(v);
     }
@@ -265,25 +276,25 @@ fn print_or(json: bool, v: &Value, human: impl FnOnce(&Value)) -> Result<()> {
 }
 
 fn print_status(v: &Value) {
-    println!("node      {} ({})", s(&v["name"]), s(&v["node_id"]));
+    out!("node      {} ({})", s(&v["name"]), s(&v["node_id"]));
     for e in v["endpoints"].as_array().into_iter().flatten() {
-        println!("endpoint  {}", s(e));
+        out!("endpoint  {}", s(e));
     }
-    println!("peers     {}", v["peers"].as_array().map_or(0, Vec::len));
+    out!("peers     {}", v["peers"].as_array().map_or(0, Vec::len));
     for svc in v["services"].as_array().into_iter().flatten() {
         let vis = if svc["private"].as_bool() == Some(true) {
             "private"
         } else {
             "public"
         };
-        println!(
+        out!(
             "service   {} → {} ({vis})",
             s(&svc["name"]),
             s(&svc["target"])
         );
     }
     for f in v["forwards"].as_array().into_iter().flatten() {
-        println!(
+        out!(
             "forward   {} → {} ({} connections)",
             s(&f["listen"]),
             s(&f["to"]),
@@ -338,9 +349,21 @@ async fn init(
         .iter()
         .map(|a| parse_addr(a, "--advertise"))
         .collect::<Result<_>>()?;
+    let entry: Vec<std::net::SocketAddr> =
+        cfg.peers.iter().filter_map(|p| p.parse().ok()).collect();
     let key = home.init(&cfg)?;
-    println!("created node {} ({})", name, key.node_id());
-    println!("home: {}", home.root().display());
+    out!("created node {} ({})", name, key.node_id());
+    out!("home: {}", home.root().display());
+    if !entry.is_empty() {
+        let others = vx6_node::discovery::name_claimants(&key, &name, &entry).await;
+        if !others.is_empty() {
+            let ids: Vec<String> = others.iter().map(|i| i.to_string()).collect();
+            eout!(
+                "warning: the name '{name}' is already claimed in the network by {}; clients will see a name clash and must pick a node by id prefix",
+                ids.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 
@@ -369,7 +392,7 @@ async fn run_node(home: Home) -> Result<()> {
         .iter()
         .map(|e| format!("{}/{}", e.transport, e.addr))
         .collect();
-    println!(
+    out!(
         "node {} running; listening on {}",
         node.id(),
         eps.join(", ")
@@ -420,7 +443,7 @@ async fn service(home: &Home, cmd: ServiceCmd) -> Result<()> {
             })?;
             let cfg = Config::load(&home.config_path())?;
             if private {
-                println!(
+                out!(
                     "service {sname} → {target} added (private; allowed: {})",
                     if ids.is_empty() {
                         "nobody yet: add --allow NODEID".to_string()
@@ -429,7 +452,7 @@ async fn service(home: &Home, cmd: ServiceCmd) -> Result<()> {
                     }
                 );
             } else {
-                println!(
+                out!(
                     "service {sname} → {target} added (public: {}.{sname})",
                     cfg.name
                 );
@@ -442,7 +465,7 @@ async fn service(home: &Home, cmd: ServiceCmd) -> Result<()> {
             print_or(j.json, &v, |_| {
                 for (n, e) in &s_.service {
                     let vis = if e.private { "private" } else { "public" };
-                    println!(
+                    out!(
                         "{n:<16} {:<24} {vis}{}",
                         e.target,
                         if e.allow.is_empty() {
@@ -461,7 +484,7 @@ async fn service(home: &Home, cmd: ServiceCmd) -> Result<()> {
             if !removed {
                 bail!("no service named '{name}'");
             }
-            println!("service {name} removed");
+            out!("service {name} removed");
             reload_if_running(home).await
         }
     }
@@ -490,7 +513,7 @@ async fn peer_forget(home: &Home, target: &str) -> Result<()> {
     if !removed {
         bail!("nothing pinned for '{target}'");
     }
-    println!("forgot the pin for {target}; the next contact pins afresh");
+    out!("forgot the pin for {target}; the next contact pins afresh");
     Ok(())
 }
 
@@ -513,12 +536,12 @@ async fn connect(home: &Home, a: ConnectArgs) -> Result<()> {
     }
     let v = r.data;
     if v["pinned"].as_bool() == Some(true) {
-        eprintln!(
+        eout!(
             "first contact: pinned node id {} for this address",
             s(&v["node"])
         );
     }
-    println!(
+    out!(
         "forwarding {} → {}.{} (node {}, via {})",
         s(&v["listen"]),
         short(&v["node"]),
@@ -527,7 +550,7 @@ async fn connect(home: &Home, a: ConnectArgs) -> Result<()> {
         s(&v["via"])
     );
     if a.detach {
-        println!("detached: forward id {}", s(&v["id"]));
+        out!("detached: forward id {}", s(&v["id"]));
         return Ok(());
     }
     use tokio::signal::unix::{SignalKind, signal};

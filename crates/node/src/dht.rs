@@ -16,9 +16,9 @@ use vx6_dht::DhtCore;
 use vx6_dht::config::DhtConfig;
 use vx6_dht::lookup::{Action, Lookup, LookupKind, LookupResult};
 use vx6_proto::dhtmsg::{DhtKey, RecordFamily, RejectReason, Request, Response, StoreOutcome};
-use vx6_proto::name::NodeName;
+use vx6_proto::name::{NodeName, ServiceName};
 use vx6_proto::nodemsg::Purpose;
-use vx6_proto::record::{NameClaim, NodeRecord, Signed};
+use vx6_proto::record::{NameClaim, NodeRecord, RecordBody, ServiceRecord, Signed, Visibility};
 use vx6_proto::{NodeId, identity};
 
 use crate::config::Config;
@@ -100,18 +100,23 @@ async fn query(
     let body = req.encode().ok()?;
     let fut = async {
         let chan = node.pool().connect(to, endpoints).await.ok()?;
-        let raw = chan
+        let r = chan
             .request(
                 Bytes::from(Purpose::Dht.encode()),
                 Bytes::from(body),
                 MAX_RESPONSE,
                 QUERY_TIMEOUT,
             )
-            .await
-            .ok()?;
-        Response::decode(&raw).ok()
+            .await;
+        if let Err(vx6_net::NetError::Timeout(_)) = r {
+            // A peer that cannot answer a small request in time sits behind a
+            // dead channel (e.g. one side's address vanished): drop it so the
+            // next query redials instead of waiting for the idle timeout.
+            chan.close();
+        }
+        Response::decode(&r.ok()?).ok()
     };
-    tokio::time::timeout(QUERY_TIMEOUT, fut)
+    tokio::time::timeout(QUERY_TIMEOUT + Duration::from_secs(2), fut)
         .await
         .ok()
         .flatten()
@@ -261,12 +266,61 @@ pub(crate) async fn publish_own(node: &Node) {
     }
 }
 
+/// Lifetime of published ServiceRecords; a removed service disappears
+/// from the DHT at most this long after removal.
+const SERVICE_RECORD_LIFETIME: u64 = 3600;
+
+/// Publishes a signed ServiceRecord for each public service. Private
+/// services are never published: only the catalog RPC reveals them, and only
+/// to allowed clients.
+pub(crate) async fn publish_services(node: &Node) {
+    let inner = node.inner();
+    for svc in node.services().into_iter().filter(|s| !s.private) {
+        let t = now();
+        let Ok(seq) = inner.db.next_seq("service-record", t.0) else {
+            continue;
+        };
+        let body = ServiceRecord {
+            node: inner.id,
+            service: svc.name.clone(),
+            visibility: Visibility::Public,
+            seq,
+            issued: t,
+            expires: t.plus(SERVICE_RECORD_LIFETIME),
+        };
+        let Ok(rec) = body.sign(&inner.key) else {
+            continue;
+        };
+        let value = rec.encode();
+        if let Ok(key) = inner
+            .dht
+            .with(|c| c.publish(RecordFamily::ServiceRecord, value.clone(), t))
+        {
+            replicate(node, key, RecordFamily::ServiceRecord, value).await;
+        }
+    }
+}
+
+/// Whether `owner` publishes a valid public ServiceRecord for `service`.
+pub(crate) async fn service_published(node: &Node, owner: &NodeId, service: &ServiceName) -> bool {
+    find_values(
+        node,
+        DhtKey::for_service(owner, service),
+        RecordFamily::ServiceRecord,
+    )
+    .await
+    .iter()
+    .filter_map(|v| Signed::<ServiceRecord>::decode_verified(v, now()).ok())
+    .any(|r| r.body.node == *owner && r.body.service == *service)
+}
+
 /// Maintenance: republish, replicate, refresh buckets, expire, persist.
 pub(crate) fn spawn_background(node: &Node) {
     let node = node.clone();
     tokio::spawn(async move {
         let mut last_persist = 0u64;
         let mut last_self_lookup = 0u64;
+        let mut published_at_len = 0usize;
         loop {
             tokio::time::sleep(TICK).await;
             let t = now();
@@ -282,6 +336,14 @@ pub(crate) fn spawn_background(node: &Node) {
                     c.start_lookup(DhtKey::for_node(&node.id()), LookupKind::FindNode, t)
                 });
                 run_lookup(&node, l).await;
+            }
+            // While the table is still filling, every growth means new close
+            // nodes that may not hold our records yet.
+            let k = dht.with(|c| c.config().k);
+            if table_len > published_at_len && published_at_len < k {
+                published_at_len = table_len;
+                publish_own(&node).await;
+                publish_services(&node).await;
             }
             for item in dht.with(|c| c.poll_republish(t)) {
                 replicate(&node, item.key, item.family, item.value).await;

@@ -228,6 +228,12 @@ pub(crate) fn registry_records(node: &Node) -> Vec<Signed<NodeRecord>> {
     v
 }
 
+/// The registry's valid NodeRecord for `id`, if any.
+pub(crate) fn registry_record(node: &Node, id: &NodeId) -> Option<Signed<NodeRecord>> {
+    let bytes = node.inner().db.get_node_record(id).ok()??;
+    Signed::<NodeRecord>::decode_verified(&bytes, now()).ok()
+}
+
 /// Answers the RPC purposes that are not service connections.
 pub(crate) async fn handle_rpc(
     node: &Node,
@@ -333,7 +339,18 @@ pub(crate) fn spawn_background(node: &Node) {
     tokio::spawn(async move {
         let mut last: Vec<Endpoint> = Vec::new();
         let mut last_signed = UnixTime(0);
+        let mut last_services: Vec<ServiceName> = Vec::new();
         loop {
+            let services: Vec<ServiceName> = n
+                .services()
+                .into_iter()
+                .filter(|s| !s.private)
+                .map(|s| s.name)
+                .collect();
+            if services != last_services {
+                last_services = services;
+                crate::dht::publish_services(&n).await;
+            }
             let eps = own_endpoints(&n);
             let stale = now().0.saturating_sub(last_signed.0) > OWN_RECORD_LIFETIME / 2;
             if eps != last || stale {
@@ -343,8 +360,12 @@ pub(crate) fn spawn_background(node: &Node) {
                             tracing::info!(endpoints = ?eps, seq = rec.body.seq, "addresses changed; republishing");
                         }
                         n.inner().set_own_records(rec.clone(), claim.clone());
+                        let moved = !last.is_empty() && eps != last;
                         last = eps;
                         last_signed = now();
+                        if moved {
+                            rejoin_after_move(&n).await;
+                        }
                         push_to_peers(&n, &rec).await;
                         crate::dht::publish_own(&n).await;
                     }
@@ -363,6 +384,31 @@ pub(crate) fn spawn_background(node: &Node) {
             tokio::time::sleep(ENTRY_RETRY).await;
         }
     });
+}
+
+/// After an address change, channels may be bound to an address that is
+/// gone and would only fail at their idle timeout. Close them all and redial
+/// the same peers from the new address, so the push that follows reaches
+/// them and their pools replace the dead channel with the new one.
+async fn rejoin_after_move(node: &Node) {
+    let peers: Vec<NodeId> = node.pool().channels().iter().map(Channel::peer).collect();
+    for c in node.pool().channels() {
+        c.close();
+    }
+    node.pool().prune();
+    let dials = peers
+        .into_iter()
+        .filter_map(|p| registry_record(node, &p))
+        .map(|r| {
+            let n = node.clone();
+            async move {
+                let mut eps = r.body.endpoints.clone();
+                sort_endpoints(&mut eps, None);
+                let _ = n.pool().connect(r.body.node, &eps).await;
+            }
+        });
+    futures_join_all(dials).await;
+    dial_entry_peers(node).await;
 }
 
 async fn push_to_peers(node: &Node, rec: &Signed<NodeRecord>) {
@@ -481,16 +527,24 @@ pub(crate) fn peer_list(node: &Node) -> Result<Value> {
     Ok(json!({"peers": peers, "channels": channels, "known_nodes": known_nodes}))
 }
 
-/// Finds the NodeRecords that claim `name`: registry first, then the DHT.
+/// Finds the NodeRecords that claim `name`, in the registry and in the DHT
+/// (both: a clash must be seen even when the registry knows one claimant).
 async fn records_for_name(node: &Node, name: &NodeName) -> (Vec<Signed<NodeRecord>>, Source) {
-    let reg: Vec<Signed<NodeRecord>> = registry_records(node)
+    let mut found: Vec<Signed<NodeRecord>> = registry_records(node)
         .into_iter()
         .filter(|r| r.body.name.as_ref() == Some(name) && r.body.node != node.id())
         .collect();
-    if !reg.is_empty() {
-        return (reg, Source::Registry);
+    let source = if found.is_empty() {
+        Source::Dht
+    } else {
+        Source::Registry
+    };
+    for r in crate::dht::lookup_name(node, name).await {
+        if r.body.node != node.id() && !found.iter().any(|f| f.body.node == r.body.node) {
+            found.push(r);
+        }
     }
-    (crate::dht::lookup_name(node, name).await, Source::Dht)
+    (found, source)
 }
 
 /// Resolves `node.service` to a node and its endpoints, enforcing pins.
@@ -621,10 +675,12 @@ pub async fn resolve_service(
 
 pub(crate) async fn resolve_json(node: &Node, text: &str) -> Result<Value> {
     let r = resolve_service(node, text, None).await?;
+    let published = crate::dht::service_published(node, &r.node, &r.service).await;
     Ok(json!({
         "name": text, "node": r.node.to_string(), "node_name": r.name, "service": r.service.as_str(),
         "endpoints": r.endpoints.iter().map(|e| format!("{}/{}", e.transport, e.addr)).collect::<Vec<_>>(),
         "source": r.source.as_str(),
+        "service_published": published,
     }))
 }
 
@@ -639,4 +695,117 @@ pub(crate) fn status(node: &Node) -> Value {
         "advertised": node.inner().own_record().map(|r| r.body.endpoints.iter().map(|e| format!("{}/{}", e.transport, e.addr)).collect::<Vec<_>>()),
         "dht": crate::dht::status(node),
     })
+}
+
+/// Asks the network reachable through `peers` who claims `name`, for
+/// `vx6 init`'s clash warning. Runs without a daemon: a dial-only transport
+/// with the new key, a DHT FIND_VALUE to each entry peer and to the closer
+/// nodes they name, and each entry peer's first peer-sync page. Unreachable
+/// peers are skipped; the answer is advisory.
+pub async fn name_claimants(
+    key: &vx6_proto::NodeKeypair,
+    name: &NodeName,
+    peers: &[SocketAddr],
+) -> Vec<NodeId> {
+    use vx6_net::channel::{Channel as Chan, ChannelConfig, Role};
+    use vx6_net::transport::{NetConfig, Transports};
+    use vx6_proto::dhtmsg::{DhtKey, Request as DReq, Response as DResp};
+
+    let cfg = NetConfig {
+        handshake_timeout: Duration::from_secs(4),
+        ..NetConfig::default()
+    };
+    let Ok(tr) = Transports::bind(key, &[], &[TransportKind::Tcp, TransportKind::Quic], cfg).await
+    else {
+        return Vec::new();
+    };
+    let me = key.node_id();
+    let t = now();
+    let mut ids: Vec<NodeId> = Vec::new();
+    let note = |id: NodeId, ids: &mut Vec<NodeId>| {
+        if id != me && !ids.contains(&id) {
+            ids.push(id);
+        }
+    };
+    let find = DReq::FindValue {
+        key: DhtKey::for_name(name),
+    }
+    .encode()
+    .unwrap_or_default();
+    let mut queue: Vec<(Endpoint, Expect)> = peers
+        .iter()
+        .flat_map(|a| {
+            [TransportKind::Tcp, TransportKind::Quic].map(|t| {
+                (
+                    Endpoint {
+                        transport: t,
+                        addr: *a,
+                    },
+                    Expect::AnyKey,
+                )
+            })
+        })
+        .collect();
+    let mut asked: Vec<NodeId> = Vec::new();
+    while let Some((ep, expect)) = queue.pop() {
+        if asked.len() >= 16 {
+            break;
+        }
+        let Ok(conn) = tr.dial(ep, expect).await else {
+            continue;
+        };
+        if asked.contains(&conn.peer) {
+            continue;
+        }
+        asked.push(conn.peer);
+        let (chan, _incoming) = Chan::spawn(conn, Role::Dialer, ChannelConfig::default());
+        if let Ok(raw) = chan
+            .request(
+                Bytes::from(Purpose::Dht.encode()),
+                Bytes::from(find.clone()),
+                nodemsg::MAX_RPC_LEN,
+                RPC_TIMEOUT,
+            )
+            .await
+            && let Ok(DResp::Value { values, closer }) = DResp::decode(&raw)
+        {
+            for v in values {
+                if let Ok(c) = Signed::<NameClaim>::decode_verified(&v, t)
+                    && c.body.name == *name
+                {
+                    note(c.body.node, &mut ids);
+                }
+            }
+            for r in closer.into_iter().filter(|r| r.verify(t).is_ok()) {
+                if let Some(e) = r.body.endpoints.first() {
+                    queue.insert(0, (*e, Expect::Node(r.body.node)));
+                }
+            }
+        }
+        let req = SyncRequest {
+            cursor: 0,
+            limit: nodemsg::MAX_SYNC_PAGE as u16,
+        };
+        if let Ok(raw) = chan
+            .request(
+                Bytes::from(Purpose::PeerSync.encode()),
+                Bytes::from(req.encode()),
+                nodemsg::MAX_RPC_LEN,
+                RPC_TIMEOUT,
+            )
+            .await
+            && let Ok(list) = RecordList::decode(&raw, nodemsg::MAX_SYNC_PAGE)
+        {
+            for b in list.records {
+                if let Ok(r) = Signed::<NodeRecord>::decode_verified(&b, t)
+                    && r.body.name.as_ref() == Some(name)
+                {
+                    note(r.body.node, &mut ids);
+                }
+            }
+        }
+        chan.close();
+    }
+    tr.close();
+    ids
 }

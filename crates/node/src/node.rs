@@ -356,7 +356,7 @@ impl Node {
             .cloned()
     }
 
-    fn services(&self) -> Vec<Service> {
+    pub(crate) fn services(&self) -> Vec<Service> {
         let mut v: Vec<Service> = self
             .inner
             .services
@@ -680,7 +680,7 @@ impl Node {
     ) {
         let c = &self.inner.counters;
         c.forward_connections.fetch_add(1, Ordering::Relaxed);
-        let chan = match self.inner.pool.connect(owner, endpoints).await {
+        let chan = match self.connect_owner(owner, endpoints).await {
             Ok(ch) => ch,
             Err(e) => {
                 c.forward_failures.fetch_add(1, Ordering::Relaxed);
@@ -701,6 +701,31 @@ impl Node {
         if r.aborted {
             c.forward_failures.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A channel to `owner`: pooled, or dialed at `endpoints`, or — when
+    /// those fail (the owner moved) — at the endpoints of its freshest
+    /// record from the registry or the DHT.
+    async fn connect_owner(&self, owner: NodeId, endpoints: &[Endpoint]) -> Result<Channel> {
+        let first = match self.inner.pool.connect(owner, endpoints).await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => e,
+        };
+        let known = crate::discovery::registry_record(self, &owner);
+        let fresh = match crate::dht::lookup_node(self, &owner).await {
+            Some(r) if known.as_ref().is_none_or(|k| r.body.seq >= k.body.seq) => Some(r),
+            _ => known,
+        };
+        let Some(rec) = fresh else {
+            return Err(first.into());
+        };
+        let mut eps = rec.body.endpoints.clone();
+        let prefer = endpoints.first().map(|e| e.transport);
+        crate::discovery::sort_endpoints(&mut eps, prefer);
+        if eps.as_slice() == endpoints {
+            return Err(first.into());
+        }
+        Ok(self.inner.pool.connect(owner, &eps).await?)
     }
 
     pub fn close_forward(&self, id: u64) -> bool {
