@@ -170,14 +170,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eout!("vx6: cannot start the async runtime: {e}");
+            eprintln!("vx6: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eout!("vx6: {e:#}");
+            eprintln!("vx6: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -358,7 +358,7 @@ async fn init(
         let others = vx6_node::discovery::name_claimants(&key, &name, &entry).await;
         if !others.is_empty() {
             let ids: Vec<String> = others.iter().map(|i| i.to_string()).collect();
-            eout!(
+            eprintln!(
                 "warning: the name '{name}' is already claimed in the network by {}; clients will see a name clash and must pick a node by id prefix",
                 ids.join(", ")
             );
@@ -536,7 +536,7 @@ async fn connect(home: &Home, a: ConnectArgs) -> Result<()> {
     }
     let v = r.data;
     if v["pinned"].as_bool() == Some(true) {
-        eout!(
+        eprintln!(
             "first contact: pinned node id {} for this address",
             s(&v["node"])
         );
