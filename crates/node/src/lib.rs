@@ -7,7 +7,8 @@
 //! - [`node`]: the running node (the embeddable SDK entry point);
 //! - [`discovery`]: own records, peer sync, entry peers, name resolution;
 //! - [`dht`]: the DHT driver over channels;
-//! - [`forward`]: copying bytes between local sockets and streams.
+//! - [`forward`]: copying bytes between local sockets and streams;
+//! - [`metrics`]: opt-in Prometheus text metrics.
 
 pub mod config;
 pub mod control;
@@ -17,6 +18,7 @@ pub mod discovery;
 mod error;
 pub mod forward;
 pub mod home;
+pub mod metrics;
 pub mod node;
 
 pub use error::{NodeError, Result};

@@ -283,6 +283,15 @@ impl Node {
         });
         let node = Node { inner };
         tokio::spawn(node.inner.pool.clone().run_accept());
+        if let Some(addr) = node
+            .inner
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .metrics_listen
+        {
+            tokio::spawn(crate::metrics::serve(node.clone(), addr));
+        }
         crate::discovery::spawn_background(&node);
         crate::dht::spawn_background(&node);
         let listener = control::bind(&home.socket_path())?;

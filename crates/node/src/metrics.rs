@@ -1,0 +1,119 @@
+//! Opt-in Prometheus metrics: aggregate counters in the text exposition
+//! format on `metrics_listen` (keep it on loopback). Never per-peer labels,
+//! addresses or keys: only totals.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::node::Node;
+
+/// Renders the node's counters in the Prometheus text format.
+pub fn render(node: &Node) -> String {
+    let c = &node.inner().counters;
+    let ts = node.pool().transports().stats();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP vx6_{name} {help}\n# TYPE vx6_{name} counter\nvx6_{name} {v}"
+        );
+    };
+    counter(
+        "service_streams_total",
+        "Service streams opened by peers.",
+        c.service_streams.load(Ordering::Relaxed),
+    );
+    counter(
+        "service_refused_total",
+        "Service streams refused (undeclared service).",
+        c.service_refused.load(Ordering::Relaxed),
+    );
+    counter(
+        "service_not_allowed_total",
+        "Service streams refused by an allow list.",
+        c.service_not_allowed.load(Ordering::Relaxed),
+    );
+    counter(
+        "target_failed_total",
+        "Local targets that could not be reached.",
+        c.target_failed.load(Ordering::Relaxed),
+    );
+    counter(
+        "forward_connections_total",
+        "Local connections accepted by forwards.",
+        c.forward_connections.load(Ordering::Relaxed),
+    );
+    counter(
+        "forward_failures_total",
+        "Forwarded connections that failed or aborted.",
+        c.forward_failures.load(Ordering::Relaxed),
+    );
+    counter(
+        "records_accepted_total",
+        "Peer records verified and stored.",
+        c.records_accepted.load(Ordering::Relaxed),
+    );
+    counter(
+        "records_rejected_total",
+        "Peer records that failed verification.",
+        c.records_rejected.load(Ordering::Relaxed),
+    );
+    counter(
+        "handshakes_ok_total",
+        "Inbound handshakes completed.",
+        ts.handshakes_ok,
+    );
+    counter(
+        "handshakes_failed_total",
+        "Inbound handshakes failed.",
+        ts.handshakes_failed,
+    );
+    counter(
+        "handshakes_timed_out_total",
+        "Inbound handshakes timed out.",
+        ts.handshakes_timed_out,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vx6_channels Live channels.\n# TYPE vx6_channels gauge\nvx6_channels {}",
+        node.pool().channels().len()
+    );
+    out
+}
+
+/// Serves `/metrics` (any path) until the listener fails.
+pub async fn serve(node: Node, addr: SocketAddr) {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot serve metrics");
+            return;
+        }
+    };
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            // Read (and ignore) the request head, bounded in size and time.
+            let mut buf = [0u8; 2048];
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+            let body = render(&node);
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                s.write_all(head.as_bytes()).await?;
+                s.write_all(body.as_bytes()).await
+            })
+            .await;
+        });
+    }
+}
