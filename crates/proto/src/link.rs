@@ -175,7 +175,9 @@ pub fn decode_u32_payload(p: &[u8]) -> Result<u32> {
 pub mod code {
     /// Ordinary cancellation.
     pub const CANCEL: u32 = 0;
-    /// The receiver refused the stream (unknown or undeclared purpose).
+    /// The receiver refused the stream: a purpose it does not serve, or a
+    /// service that does not exist for the opener (a private service the
+    /// opener may not use answers exactly like a missing one).
     pub const REFUSED: u32 = 1;
     /// Too many streams or a full accept queue; try later.
     pub const BUSY: u32 = 2;
@@ -185,7 +187,8 @@ pub mod code {
     pub const TARGET_FAILED: u32 = 4;
     /// The client is not allowed to use this service.
     pub const NOT_ALLOWED: u32 = 5;
-    /// The node is shutting down.
+    /// The sender closes the channel on purpose (GOAWAY): it is shutting
+    /// down, retiring a channel replaced by a newer one, or giving up on it.
     pub const SHUTDOWN: u32 = 6;
 }
 

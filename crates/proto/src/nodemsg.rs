@@ -70,7 +70,16 @@ impl Purpose {
                     what: "service name",
                     why: "not UTF-8",
                 })?;
-                Purpose::Service(ServiceName::new(s)?)
+                let name = ServiceName::new(s)?;
+                // `ServiceName::new` lowercases; the wire form must already
+                // be lowercase so that a purpose has exactly one encoding.
+                if name.as_str().as_bytes() != raw {
+                    return Err(Error::Invalid {
+                        what: "service name",
+                        why: "not canonical lowercase",
+                    });
+                }
+                Purpose::Service(name)
             }
             2 => Purpose::Dht,
             3 => Purpose::PeerSync,
@@ -130,8 +139,11 @@ impl RecordList {
             Some(c) => w.u8(1).u32(c),
             None => w.u8(0),
         };
-        w.u16(self.records.len().min(u16::MAX as usize) as u16);
-        for r in &self.records {
+        // A list longer than a u16 count is a caller bug (decoders allow at
+        // most MAX_CATALOG); the count and the records written always agree.
+        let n = self.records.len().min(u16::MAX as usize);
+        w.u16(n as u16);
+        for r in self.records.iter().take(n) {
             w.bytes16(r);
         }
         w.into_vec()
@@ -191,8 +203,41 @@ mod tests {
         }
         assert!(Purpose::decode(&[9]).is_err());
         assert!(Purpose::decode(&[2, 0]).is_err());
-        assert!(Purpose::decode(&[1, 3, b'W', b'e', b'b']).is_ok());
         assert!(Purpose::decode(&[1, 3, b'w', b'_', b'b']).is_err());
+        assert!(Purpose::decode(&[1, 0]).is_err());
+        assert!(Purpose::decode(&[]).is_err());
+    }
+
+    /// PROTOCOL.md §1: one encoding per value. `Web` would decode to the same
+    /// purpose as `web`, so it is refused.
+    #[test]
+    fn purpose_service_name_must_be_canonical() {
+        assert!(matches!(
+            Purpose::decode(&[1, 3, b'W', b'e', b'b']),
+            Err(Error::Invalid {
+                why: "not canonical lowercase",
+                ..
+            })
+        ));
+        let ok = [1, 3, b'w', b'e', b'b'];
+        assert_eq!(Purpose::decode(&ok).unwrap().encode(), ok);
+    }
+
+    #[test]
+    fn every_accepted_purpose_re_encodes_to_its_bytes() {
+        // Exhaustive over every tag and every 1- and 2-byte name body.
+        let mut inputs: Vec<Vec<u8>> = (0..=255u8).map(|t| vec![t]).collect();
+        for a in 0..=255u8 {
+            inputs.push(vec![1, 1, a]);
+            for b in [b'a', b'A', b'-', b'0', b'z', 0xff] {
+                inputs.push(vec![1, 2, a, b]);
+            }
+        }
+        for b in inputs {
+            if let Ok(p) = Purpose::decode(&b) {
+                assert_eq!(p.encode(), b, "{b:?}");
+            }
+        }
     }
 
     #[test]
@@ -211,5 +256,24 @@ mod tests {
             limit: 64,
         };
         assert_eq!(SyncRequest::decode(&s.encode()).unwrap(), s);
+        assert!(SyncRequest::decode(&[0, 0, 0, 5, 0]).is_err());
+        assert!(SyncRequest::decode(&[0, 0, 0, 5, 0, 64, 0]).is_err());
+        // only 0 and 1 flag a cursor
+        let mut flag = l.encode();
+        flag[0] = 2;
+        assert!(RecordList::decode(&flag, 2).is_err());
+    }
+
+    /// The count an encoder writes always matches the records it writes,
+    /// even for a list too long for the `u16` count (a caller bug).
+    #[test]
+    fn record_list_count_matches_records_written() {
+        let l = RecordList {
+            records: vec![vec![]; u16::MAX as usize + 1],
+            next: None,
+        };
+        let b = l.encode();
+        assert_eq!(&b[..3], &[0, 0xff, 0xff]);
+        assert_eq!(b.len(), 3 + 2 * u16::MAX as usize);
     }
 }
