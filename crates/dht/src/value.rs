@@ -74,6 +74,13 @@ pub fn check_value(
             check_typed::<NameClaim>(key, bytes, now, verifier, key_of_name_claim)
         }
         RecordFamily::ServiceRecord => {
+            // Private services are served only by their owner to allowed
+            // clients; a copy a client received must never be republished
+            // where anyone could learn the service exists.
+            let rec = Signed::<ServiceRecord>::decode(bytes).map_err(|_| RejectReason::Malformed)?;
+            if rec.body.visibility != vx6_proto::record::Visibility::Public {
+                return Err(RejectReason::UnsupportedFamily);
+            }
             check_typed::<ServiceRecord>(key, bytes, now, verifier, key_of_service_record)
         }
         RecordFamily::HiddenDescriptor => Err(RejectReason::UnsupportedFamily),
@@ -146,6 +153,14 @@ mod tests {
                 .unwrap()
                 .expires,
             UnixTime(5000)
+        );
+        // a private service record is never admitted, even correctly signed
+        let mut private = service_record(&k, "web", 2, UnixTime(1000), UnixTime(5000)).body;
+        private.visibility = vx6_proto::record::Visibility::Private;
+        let private = private.sign(&k).unwrap().encode();
+        assert_eq!(
+            check_value(&sk, RecordFamily::ServiceRecord, &private, now, None),
+            Err(RejectReason::UnsupportedFamily)
         );
         // wrong key, wrong family, reserved family
         assert_eq!(

@@ -84,6 +84,8 @@ pub async fn pump(
                         return (n, true);
                     }
                 }
+                // An end of stream before the owner's accept byte is a refusal.
+                Ok(None) if need_status => return (n, true),
                 Ok(None) => {
                     let _ = wr.shutdown().await;
                     return (n, false);
