@@ -142,17 +142,6 @@ impl Inner {
     }
 }
 
-/// The onion (circuit handshake) key is derived from the identity secret
-/// (PROTOCOL.md §2.2), so there is one secret file to protect and back up.
-fn derive_onion_secret(key: &NodeKeypair) -> x25519_dalek::StaticSecret {
-    let seed = key.secret_bytes();
-    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"vx6/v1/onion-key"), seed.as_ref());
-    let mut okm = zeroize::Zeroizing::new([0u8; 32]);
-    // 32 bytes is always a valid HKDF-SHA256 output length.
-    let _ = hk.expand(b"x25519", okm.as_mut());
-    x25519_dalek::StaticSecret::from(*okm)
-}
-
 /// A running node. Cheap to clone.
 #[derive(Clone)]
 pub struct Node {
@@ -256,7 +245,7 @@ impl Node {
         let transports = Arc::new(transports);
         let (shutdown, _) = watch::channel(false);
         let id = key.node_id();
-        let onion_secret = derive_onion_secret(&key);
+        let onion_secret = key.onion_secret();
         let dht = crate::dht::DhtState::new(id, &config, &db)?;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
             pool: Pool::new(

@@ -24,6 +24,11 @@ impl UnixTime {
     }
 }
 
+/// HKDF salt of the onion key derivation (PROTOCOL.md §2.2).
+pub const ONION_KEY_SALT: &[u8] = b"vx6/v1/onion-key";
+/// HKDF info of the onion key derivation.
+pub const ONION_KEY_INFO: &[u8] = b"x25519";
+
 /// Fills `buf` from the operating system's CSPRNG.
 ///
 /// Only drivers and key generation call this; state machines take randomness
@@ -75,6 +80,23 @@ impl NodeKeypair {
     /// Signs `body` under domain `tag`.
     pub fn sign(&self, tag: &str, body: &[u8]) -> Signature {
         Signature(self.signing.sign(&signed_message(tag, body)).to_bytes())
+    }
+
+    /// The X25519 onion (circuit handshake) secret, derived from the
+    /// identity seed with HKDF-SHA256 (PROTOCOL.md §2.2), so one secret file
+    /// is all there is to protect.
+    pub fn onion_secret(&self) -> x25519_dalek::StaticSecret {
+        let seed = self.secret_bytes();
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(ONION_KEY_SALT), seed.as_ref());
+        let mut okm = Zeroizing::new([0u8; 32]);
+        // 32 bytes is always a valid HKDF-SHA256 output length.
+        let _ = hk.expand(ONION_KEY_INFO, okm.as_mut());
+        x25519_dalek::StaticSecret::from(*okm)
+    }
+
+    /// The public half of [`NodeKeypair::onion_secret`], as published in NodeRecords.
+    pub fn onion_key(&self) -> crate::id::OnionKey {
+        crate::id::OnionKey(x25519_dalek::PublicKey::from(&self.onion_secret()).to_bytes())
     }
 
     /// The dalek key, for crates that must hand it to TLS.

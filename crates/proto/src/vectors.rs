@@ -35,10 +35,10 @@ pub const EXPIRES: UnixTime = UnixTime(1_700_000_000 + 86_400);
 
 /// Payload of the vector PING and PONG frames.
 pub const PING_PAYLOAD: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
-/// HKDF salt of the onion key derivation (PROTOCOL.md §2.2).
-pub const ONION_KEY_SALT: &[u8] = b"vx6/v1/onion-key";
 /// HKDF info of the onion key derivation (PROTOCOL.md §2.2).
-pub const ONION_KEY_INFO: &[u8] = b"x25519";
+pub use crate::identity::ONION_KEY_INFO;
+/// HKDF salt of the onion key derivation (PROTOCOL.md §2.2).
+pub use crate::identity::ONION_KEY_SALT;
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo, everything but the 32 key
 /// bytes (RFC 8410). A copy of the constant in `vx6-net`'s `tls` module,
 /// which this crate cannot depend on; PROTOCOL.md §6.2.
@@ -124,12 +124,7 @@ pub fn name_claim() -> Result<NameClaim> {
 /// (PROTOCOL.md §2.2): `okm = HKDF-SHA256(salt "vx6/v1/onion-key", IKM seed,
 /// info "x25519", L = 32)`, used as the X25519 secret (clamped by X25519).
 pub fn onion_public_key(seed: &[u8; 32]) -> OnionKey {
-    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(ONION_KEY_SALT), seed);
-    let mut okm = zeroize::Zeroizing::new([0u8; 32]);
-    // 32 bytes is always a valid HKDF-SHA256 output length.
-    let _ = hk.expand(ONION_KEY_INFO, okm.as_mut());
-    let secret = x25519_dalek::StaticSecret::from(*okm);
-    OnionKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
+    crate::NodeKeypair::from_secret_bytes(seed).onion_key()
 }
 
 /// The raw-public-key "certificate" of `id` (PROTOCOL.md §6.2).
