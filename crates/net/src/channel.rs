@@ -1,0 +1,1187 @@
+//! Channels: the stream multiplexer over one authenticated connection.
+//!
+//! A [`Channel`] owns one [`Conn`] (TLS over TCP or one QUIC stream) and runs
+//! two tasks: a reader that decodes and length-checks every frame
+//! (PROTOCOL.md §5) and dispatches it, and a writer that batches queued
+//! frames into few large writes. Streams on the direct circuit (circuit 0)
+//! carry forwarded connections and node RPCs. Stream ids are never reused:
+//! the dialer opens odd ids, the acceptor even ones, each in increasing
+//! order.
+//!
+//! Flow control is credit based at two levels, as in HTTP/2: every stream
+//! and the channel as a whole have a receive window. A sender waits for
+//! credit; a receiver grants credit back (WINDOW) as the application reads,
+//! one update per half window, and tears the channel down as soon as the
+//! peer sends a byte more than it was granted. So a slow reader slows its
+//! writer, and the memory a peer can make us hold per channel is bounded by
+//! the channel window, whatever it sends. Bytes nobody will read (a stream
+//! that was reset or dropped) are credited back at once. The windows are not
+//! negotiated: both ends must run with the same [`ChannelConfig`] windows.
+//!
+//! Queues, in the order the writer serves them:
+//! - control (WINDOW, PING/PONG, the GOAWAY of an immediate close, and the
+//!   BUSY resets that refuse streams the peer opened), bounded by the
+//!   protocol itself: window updates by the credit the peer can use, at most
+//!   one pong outstanding, and at most `max(max_streams, 64)` refusals
+//!   waiting (a peer that keeps opening streams without reading the
+//!   refusals is cut off);
+//! - ordered (OPEN, DATA, FIN and RESET of our streams, and the GOAWAY of a
+//!   channel that closes once idle), in the order they were issued, so FIN
+//!   follows the data it ends, a RESET never overtakes its stream's OPEN or
+//!   data, and a retiring channel writes its last answers before leaving.
+//!   OPEN, DATA and FIN each hold one of `write_queue` slots until the
+//!   writer takes them; a RESET needs none (there is at most one per
+//!   stream).
+//!
+//! Liveness: the writer sends a PING when it wrote nothing for `keepalive`;
+//! the channel closes when no whole frame arrived for `idle_timeout`, or a
+//! write made no progress for that long. Closing (locally, by GOAWAY, on a
+//! protocol error or a dead connection) fails every stream, wakes every
+//! waiting sender and receiver, and ends [`Incoming`].
+//!
+//! This module must never trust a length, id or credit the peer sends, and
+//! never let a peer grow a queue without bound.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{Semaphore, mpsc, watch};
+use vx6_proto::NodeId;
+use vx6_proto::link::{
+    CircId, Cmd, FRAME_HEADER_LEN, FrameHeader, MAX_DATA_PAYLOAD, MAX_OPEN_PAYLOAD, StreamId, code,
+    decode_u32_payload,
+};
+use vx6_proto::record::TransportKind;
+
+use crate::transport::{BoxIo, Conn};
+use crate::{NetError, Result};
+
+/// Bytes the writer gathers into one write.
+const WRITE_BATCH: usize = 128 * 1024;
+/// How long a closing channel may spend finishing a write and saying GOAWAY.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Shortest timer a configuration may ask for.
+const MIN_TIMER: Duration = Duration::from_millis(1);
+/// Lower bound of the refusals that may wait for the writer.
+const MIN_REFUSALS_QUEUED: usize = 64;
+
+/// Channel tuning. Defaults suit a forwarded bulk transfer on a LAN and a
+/// peer that is hostile. Both ends of a channel must use the same windows.
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// Bytes a stream may have in flight before the receiver grants more.
+    pub stream_window: u32,
+    /// Bytes all streams of the channel together may have in flight.
+    pub channel_window: u32,
+    /// Concurrent streams the peer may open on this channel; more are
+    /// refused with a BUSY reset.
+    pub max_streams: usize,
+    /// Opened streams waiting to be accepted locally; more are refused BUSY.
+    pub accept_queue: usize,
+    /// OPEN/DATA/FIN frames waiting for the writer.
+    pub write_queue: usize,
+    /// Send a PING when nothing was written for this long.
+    pub keepalive: Duration,
+    /// Close when no frame arrived (or no write progressed) for this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        Self {
+            stream_window: 1 << 20,
+            channel_window: 16 << 20,
+            max_streams: 512,
+            accept_queue: 128,
+            write_queue: 64,
+            keepalive: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+impl ChannelConfig {
+    /// The configuration with every value raised to the least that works.
+    fn sanitized(mut self) -> Self {
+        self.stream_window = self.stream_window.max(1);
+        self.channel_window = self.channel_window.max(1);
+        self.accept_queue = self.accept_queue.max(1);
+        self.write_queue = self.write_queue.max(1);
+        self.keepalive = self.keepalive.max(MIN_TIMER);
+        self.idle_timeout = self.idle_timeout.max(MIN_TIMER);
+        self
+    }
+
+    /// Largest DATA frame we send. At most half a window (rounded up), so a
+    /// receiver that read everything and holds back less than half a window
+    /// of un-granted credit always leaves room for the next frame.
+    fn max_chunk(&self) -> usize {
+        MAX_DATA_PAYLOAD
+            .min(self.stream_window.div_ceil(2) as usize)
+            .min(self.channel_window.div_ceil(2) as usize)
+            .max(1)
+    }
+}
+
+/// Which end of the connection this channel is; decides stream id parity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Dialer,
+    Acceptor,
+}
+
+/// Counters for status and tests.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// Bytes read from the connection, headers included.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to the connection, headers included.
+    pub bytes_out: AtomicU64,
+    /// Streams this end opened.
+    pub streams_opened: AtomicU64,
+    /// Streams the peer opened that were refused (too many, accept queue full).
+    pub streams_refused: AtomicU64,
+    /// Times the peer broke the protocol (each closes the channel).
+    pub protocol_errors: AtomicU64,
+}
+
+/// What queueing a frame took, to be given back when the writer takes it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cost {
+    Free,
+    /// One of `write_queue` slots.
+    WriteSlot,
+    /// One of the refusals allowed to wait.
+    Refusal,
+}
+
+struct Frame {
+    hdr: FrameHeader,
+    payload: Bytes,
+    cost: Cost,
+}
+
+impl Frame {
+    fn new(cmd: Cmd, stream: u32, payload: Bytes) -> Self {
+        let hdr = FrameHeader {
+            cmd,
+            circ: CircId::DIRECT,
+            stream: StreamId(stream),
+            len: payload.len() as u32,
+        };
+        Self {
+            hdr,
+            payload,
+            cost: Cost::Free,
+        }
+    }
+    fn u32(cmd: Cmd, stream: u32, v: u32) -> Self {
+        Self::new(cmd, stream, Bytes::copy_from_slice(&v.to_be_bytes()))
+    }
+    fn costing(mut self, cost: Cost) -> Self {
+        self.cost = cost;
+        self
+    }
+}
+
+/// What the reader hands a [`RecvHalf`].
+enum Event {
+    Data(Bytes),
+    Fin,
+    Reset(u32),
+}
+
+/// Per-stream state shared by the two halves and the reader.
+struct StreamState {
+    /// Bytes we may still send.
+    credit: Semaphore,
+    /// Bytes the peer may send in all: the window plus every WINDOW we
+    /// queued (raised before the WINDOW is queued, so never below what the
+    /// peer was told).
+    recv_limit: AtomicU64,
+    /// The reset code, once either end reset the stream.
+    reset: OnceLock<u32>,
+}
+
+/// The reader's entry for a live stream.
+struct Slot {
+    tx: mpsc::UnboundedSender<Event>,
+    state: Arc<StreamState>,
+    /// Bytes the peer sent on this stream.
+    received: u64,
+    /// Our FIN is queued.
+    local_done: bool,
+    /// The peer's FIN arrived.
+    remote_done: bool,
+    /// The receive half was dropped early while the send half goes on:
+    /// incoming data is discarded (and credited back).
+    recv_dropped: bool,
+}
+
+struct Streams {
+    map: HashMap<u32, Slot>,
+    /// Entries of `map` the peer opened (what `max_streams` limits).
+    remote_open: usize,
+    /// The id our next stream gets; `None` once ids are exhausted.
+    next_local: Option<u32>,
+    /// The highest id the peer opened.
+    last_remote: u32,
+}
+
+struct Shared {
+    peer: NodeId,
+    remote: SocketAddr,
+    transport: TransportKind,
+    role: Role,
+    cfg: ChannelConfig,
+    ordered_tx: mpsc::UnboundedSender<Frame>,
+    ctrl_tx: mpsc::UnboundedSender<Frame>,
+    /// Free slots of the ordered queue (OPEN/DATA/FIN).
+    write_slots: Semaphore,
+    streams: Mutex<Streams>,
+    /// Bytes we may still send on the channel as a whole.
+    chan_credit: Semaphore,
+    /// Bytes the peer may send on the channel in all (see `StreamState::recv_limit`).
+    chan_recv_limit: AtomicU64,
+    /// Bytes consumed locally and not yet granted back.
+    chan_unacked: Mutex<u64>,
+    pong_pending: AtomicBool,
+    refusals_queued: AtomicUsize,
+    /// Close as soon as no stream is open.
+    retiring: AtomicBool,
+    /// A GOAWAY waits in the ordered queue.
+    goaway_queued: AtomicBool,
+    closed: watch::Sender<bool>,
+    stats: ChannelStats,
+}
+
+/// Handle to a running channel; cheap to clone.
+///
+/// The channel keeps running while its tasks are alive, even when every
+/// handle is dropped: close it with [`Channel::close`] (the pool does).
+#[derive(Clone)]
+pub struct Channel {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("peer", &self.shared.peer.short())
+            .field("transport", &self.shared.transport)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Streams the peer opened, in order.
+pub struct Incoming {
+    rx: mpsc::Receiver<IncomingStream>,
+}
+
+/// A stream the peer opened, with the payload that says what it is for.
+pub struct IncomingStream {
+    pub open: Bytes,
+    pub send: SendHalf,
+    pub recv: RecvHalf,
+}
+
+impl Incoming {
+    /// The next stream the peer opened; `None` once the channel is closed.
+    pub async fn accept(&mut self) -> Option<IncomingStream> {
+        self.rx.recv().await
+    }
+}
+
+impl Channel {
+    /// Starts the reader and writer tasks for `conn`. Must be called inside a
+    /// tokio runtime.
+    pub fn spawn(conn: Conn, role: Role, cfg: ChannelConfig) -> (Channel, Incoming) {
+        let cfg = cfg.sanitized();
+        let (ordered_tx, ordered_rx) = mpsc::unbounded_channel();
+        let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+        let (accept_tx, accept_rx) = mpsc::channel(cfg.accept_queue);
+        let (closed, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            peer: conn.peer,
+            remote: conn.remote,
+            transport: conn.transport,
+            role,
+            ordered_tx,
+            ctrl_tx,
+            write_slots: Semaphore::new(cfg.write_queue),
+            streams: Mutex::new(Streams {
+                map: HashMap::new(),
+                remote_open: 0,
+                next_local: Some(if role == Role::Dialer { 1 } else { 2 }),
+                last_remote: 0,
+            }),
+            chan_credit: Semaphore::new(cfg.channel_window as usize),
+            chan_recv_limit: AtomicU64::new(u64::from(cfg.channel_window)),
+            chan_unacked: Mutex::new(0),
+            pong_pending: AtomicBool::new(false),
+            refusals_queued: AtomicUsize::new(0),
+            retiring: AtomicBool::new(false),
+            goaway_queued: AtomicBool::new(false),
+            closed,
+            stats: ChannelStats::default(),
+            cfg,
+        });
+        let (rd, wr) = tokio::io::split(conn.io);
+        tokio::spawn(writer_task(shared.clone(), wr, ordered_rx, ctrl_rx));
+        tokio::spawn(reader_task(shared.clone(), rd, accept_tx));
+        (Channel { shared }, Incoming { rx: accept_rx })
+    }
+
+    pub fn peer(&self) -> NodeId {
+        self.shared.peer
+    }
+    pub fn remote(&self) -> SocketAddr {
+        self.shared.remote
+    }
+    pub fn transport(&self) -> TransportKind {
+        self.shared.transport
+    }
+    pub fn stats(&self) -> &ChannelStats {
+        &self.shared.stats
+    }
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+    /// True when both handles refer to the same channel.
+    pub fn is_same(&self, other: &Channel) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+    /// Streams currently open in either direction.
+    pub fn active_streams(&self) -> usize {
+        lock(&self.shared.streams).map.len()
+    }
+
+    /// Closes the channel at once: the peer is told (GOAWAY), every stream on
+    /// it fails with `Closed`.
+    pub fn close(&self) {
+        self.shared.close(code::SHUTDOWN);
+    }
+
+    /// Closes the channel once no stream is open on it (at once if none
+    /// is), after the last stream's frames are written: for a channel that
+    /// was replaced by a newer one to the same peer.
+    pub fn close_when_idle(&self) {
+        self.shared.retiring.store(true, Ordering::SeqCst);
+        if lock(&self.shared.streams).map.is_empty() {
+            self.shared.close_after_queued(code::SHUTDOWN);
+        }
+    }
+
+    /// Resolves once the channel is closed.
+    pub async fn closed(&self) {
+        let mut rx = self.shared.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Opens a stream whose purpose is `open` (≤ MAX_OPEN_PAYLOAD bytes).
+    /// Does not wait for the peer: a refusal arrives as a reset on the
+    /// receive half.
+    pub async fn open(&self, open: Bytes) -> Result<(SendHalf, RecvHalf)> {
+        if open.len() > MAX_OPEN_PAYLOAD {
+            return Err(NetError::Config("stream open payload too long".into()));
+        }
+        let sh = &self.shared;
+        // Wait for queue room first, so nothing below can be cancelled halfway.
+        let slot = sh
+            .write_slots
+            .acquire()
+            .await
+            .map_err(|_| NetError::Closed)?;
+        let mut streams = lock(&sh.streams);
+        if sh.is_closed() {
+            return Err(NetError::Closed);
+        }
+        let Some(id) = streams.next_local else {
+            return Err(NetError::Closed);
+        };
+        streams.next_local = id.checked_add(2);
+        let halves = sh.new_stream(&mut streams, id);
+        // Queued under the lock, so OPENs leave in id order as the peer requires.
+        slot.forget();
+        let _ = sh
+            .ordered_tx
+            .send(Frame::new(Cmd::Open, id, open).costing(Cost::WriteSlot));
+        drop(streams);
+        sh.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(halves)
+    }
+
+    /// One request/response exchange on a fresh stream: sends `body`, ends
+    /// the send side, reads the whole answer (at most `max_response` bytes)
+    /// within `timeout`. On timeout the stream is reset.
+    pub async fn request(
+        &self,
+        open: Bytes,
+        body: Bytes,
+        max_response: usize,
+        timeout: Duration,
+    ) -> Result<Bytes> {
+        let fut = async {
+            let (mut send, mut recv) = self.open(open).await?;
+            if !body.is_empty() {
+                send.send(body).await?;
+            }
+            send.finish().await?;
+            recv.read_to_end(max_response).await
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| NetError::Timeout("waiting for a response"))?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent in a
+    // way that matters more than losing the channel, so poison is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    fn is_remote_id(&self, id: u32) -> bool {
+        // The dialer opens odd ids, so a dialer's peer opens even ones.
+        id.is_multiple_of(2) == (self.role == Role::Dialer)
+    }
+
+    /// Whether `id` ever named a stream (so a late frame for it is a race,
+    /// not a lie).
+    fn was_opened(&self, streams: &Streams, id: u32) -> bool {
+        if self.is_remote_id(id) {
+            id <= streams.last_remote
+        } else {
+            streams.next_local.is_none_or(|next| id < next)
+        }
+    }
+
+    fn new_stream(self: &Arc<Self>, streams: &mut Streams, id: u32) -> (SendHalf, RecvHalf) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let window = self.cfg.stream_window;
+        let state = Arc::new(StreamState {
+            credit: Semaphore::new(window as usize),
+            recv_limit: AtomicU64::new(u64::from(window)),
+            reset: OnceLock::new(),
+        });
+        streams.map.insert(
+            id,
+            Slot {
+                tx,
+                state: state.clone(),
+                received: 0,
+                local_done: false,
+                remote_done: false,
+                recv_dropped: false,
+            },
+        );
+        if self.is_remote_id(id) {
+            streams.remote_open += 1;
+        }
+        let send = SendHalf {
+            shared: self.clone(),
+            id,
+            state: state.clone(),
+            done: false,
+        };
+        let recv = RecvHalf {
+            shared: self.clone(),
+            id,
+            state,
+            rx,
+            unacked: 0,
+            end: None,
+        };
+        (send, recv)
+    }
+
+    /// Removes `id`'s slot. The caller calls [`Shared::slot_removed`] after
+    /// releasing the lock.
+    fn take_slot(&self, streams: &mut Streams, id: u32) -> Option<Slot> {
+        let slot = streams.map.remove(&id)?;
+        if self.is_remote_id(id) {
+            streams.remote_open = streams.remote_open.saturating_sub(1);
+        }
+        Some(slot)
+    }
+
+    /// A retiring channel closes when its last stream is gone.
+    fn slot_removed(&self, now_empty: bool) {
+        if now_empty && self.retiring.load(Ordering::SeqCst) {
+            self.close_after_queued(code::SHUTDOWN);
+        }
+    }
+
+    /// Closes once the frames already queued are written: the GOAWAY goes
+    /// through the ordered queue, and the writer shuts the channel down
+    /// after writing it.
+    fn close_after_queued(&self, goaway: u32) {
+        if !self.is_closed() && !self.goaway_queued.swap(true, Ordering::SeqCst) {
+            let _ = self.ordered_tx.send(Frame::u32(Cmd::GoAway, 0, goaway));
+        }
+    }
+
+    fn close(&self, goaway: u32) {
+        if !self.is_closed() {
+            let _ = self.ctrl_tx.send(Frame::u32(Cmd::GoAway, 0, goaway));
+        }
+        self.shutdown();
+    }
+
+    /// Marks the channel closed and fails everything waiting on it. The
+    /// tasks see the flag and stop.
+    fn shutdown(&self) {
+        if self.closed.send_replace(true) {
+            return;
+        }
+        let slots: Vec<Slot> = {
+            let mut streams = lock(&self.streams);
+            streams.remote_open = 0;
+            streams.map.drain().map(|(_, s)| s).collect()
+        };
+        for slot in slots {
+            // Dropping the slot's sender ends its receive half with `Closed`.
+            slot.state.credit.close();
+        }
+        self.chan_credit.close();
+        self.write_slots.close();
+    }
+
+    fn protocol_error(&self, why: &str) {
+        self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(peer = %self.peer.short(), why, "channel protocol error");
+        self.close(code::PROTOCOL);
+    }
+
+    /// Our FIN for `id` is queued.
+    fn finish_local(&self, id: u32) {
+        let mut streams = lock(&self.streams);
+        let Some(slot) = streams.map.get_mut(&id) else {
+            return;
+        };
+        slot.local_done = true;
+        if slot.remote_done {
+            self.take_slot(&mut streams, id);
+            let empty = streams.map.is_empty();
+            drop(streams);
+            self.slot_removed(empty);
+        } else if slot.recv_dropped {
+            // Nobody reads the rest: now that our side is done, stop the peer.
+            drop(streams);
+            self.reset_stream(id, code::CANCEL);
+        }
+    }
+
+    /// Aborts `id` in both directions from our side.
+    fn reset_stream(&self, id: u32, reset_code: u32) {
+        let mut streams = lock(&self.streams);
+        let Some(slot) = self.take_slot(&mut streams, id) else {
+            return;
+        };
+        let _ = slot.state.reset.set(reset_code);
+        slot.state.credit.close();
+        let _ = slot.tx.send(Event::Reset(reset_code));
+        // Ordered: the peer sees it after this stream's OPEN and data.
+        let _ = self.ordered_tx.send(Frame::u32(Cmd::Reset, id, reset_code));
+        let empty = streams.map.is_empty();
+        drop(streams);
+        self.slot_removed(empty);
+    }
+
+    /// The receive half of `id` was dropped before the end of the stream.
+    fn recv_dropped(&self, id: u32) {
+        let mut streams = lock(&self.streams);
+        let Some(slot) = streams.map.get_mut(&id) else {
+            return;
+        };
+        if slot.remote_done {
+            return;
+        }
+        if slot.local_done {
+            drop(streams);
+            self.reset_stream(id, code::CANCEL);
+        } else {
+            // The send half may still answer; the peer is stopped once it
+            // has (see `finish_local`), or by the send half's reset.
+            slot.recv_dropped = true;
+        }
+    }
+
+    /// `n` bytes were consumed locally (read, or dropped unread): grants
+    /// channel credit back, one update per half window.
+    fn consumed_channel(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let threshold = u64::from((self.cfg.channel_window / 2).max(1));
+        let mut unacked = lock(&self.chan_unacked);
+        *unacked += n as u64;
+        if *unacked >= threshold {
+            let grant = std::mem::take(&mut *unacked);
+            // Raise the limit before the peer can learn of the grant.
+            self.chan_recv_limit.fetch_add(grant, Ordering::AcqRel);
+            let grant = u32::try_from(grant).unwrap_or(u32::MAX);
+            let _ = self.ctrl_tx.send(Frame::u32(Cmd::Window, 0, grant));
+        }
+    }
+
+    /// Refuses a stream the peer opened.
+    fn refuse(&self, id: u32) -> Result<(), &'static str> {
+        self.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
+        let queued = self.refusals_queued.fetch_add(1, Ordering::AcqRel) + 1;
+        if queued > self.cfg.max_streams.max(MIN_REFUSALS_QUEUED) {
+            return Err("peer keeps opening streams without reading the refusals");
+        }
+        let frame = Frame::u32(Cmd::Reset, id, code::BUSY).costing(Cost::Refusal);
+        let _ = self.ctrl_tx.send(frame);
+        Ok(())
+    }
+
+    /// The error a stream operation reports once the stream is unusable.
+    fn stream_error(&self, state: &StreamState) -> NetError {
+        match state.reset.get() {
+            Some(&c) => NetError::Reset(c),
+            None => NetError::Closed,
+        }
+    }
+}
+
+/// The sending half of a stream. Dropping it without [`SendHalf::finish`]
+/// resets the stream.
+pub struct SendHalf {
+    shared: Arc<Shared>,
+    id: u32,
+    state: Arc<StreamState>,
+    done: bool,
+}
+
+impl SendHalf {
+    /// Sends `data`, waiting for flow-control credit as needed.
+    ///
+    /// If the future is dropped, a prefix of `data` (in whole frames) may
+    /// have been sent; no credit is lost.
+    pub async fn send(&mut self, mut data: Bytes) -> Result<()> {
+        if self.done {
+            return Err(self.shared.stream_error(&self.state));
+        }
+        let sh = &self.shared;
+        let max_chunk = sh.cfg.max_chunk();
+        while !data.is_empty() {
+            let n = data.len().min(max_chunk);
+            let err = |_| sh.stream_error(&self.state);
+            let stream_credit = self
+                .state
+                .credit
+                .acquire_many(n as u32)
+                .await
+                .map_err(err)?;
+            let chan_credit = sh.chan_credit.acquire_many(n as u32).await.map_err(err)?;
+            let slot = sh.write_slots.acquire().await.map_err(err)?;
+            // From here on nothing awaits: the credit is spent exactly when
+            // the frame is queued.
+            stream_credit.forget();
+            chan_credit.forget();
+            slot.forget();
+            let frame = Frame::new(Cmd::Data, self.id, data.split_to(n)).costing(Cost::WriteSlot);
+            sh.ordered_tx.send(frame).map_err(|_| NetError::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Half-closes: the peer reads end-of-stream after all data sent so far.
+    pub async fn finish(&mut self) -> Result<()> {
+        if self.done {
+            return match self.state.reset.get() {
+                Some(&c) => Err(NetError::Reset(c)),
+                None => Ok(()),
+            };
+        }
+        if self.state.credit.is_closed() {
+            // Reset by the peer, or the channel closed.
+            self.done = true;
+            return Err(self.shared.stream_error(&self.state));
+        }
+        let sh = &self.shared;
+        let slot = sh
+            .write_slots
+            .acquire()
+            .await
+            .map_err(|_| sh.stream_error(&self.state))?;
+        slot.forget();
+        let frame = Frame::new(Cmd::Fin, self.id, Bytes::new()).costing(Cost::WriteSlot);
+        sh.ordered_tx.send(frame).map_err(|_| NetError::Closed)?;
+        self.done = true;
+        sh.finish_local(self.id);
+        Ok(())
+    }
+
+    /// Aborts the stream in both directions.
+    pub fn reset(&mut self, reset_code: u32) {
+        if !self.done {
+            self.done = true;
+            self.shared.reset_stream(self.id, reset_code);
+        }
+    }
+
+    pub fn id(&self) -> StreamId {
+        StreamId(self.id)
+    }
+}
+
+impl Drop for SendHalf {
+    fn drop(&mut self) {
+        // Dropping without finish() is an abort, never a silent truncation.
+        self.reset(code::CANCEL);
+    }
+}
+
+/// How a receive half ended.
+#[derive(Clone, Copy)]
+enum End {
+    Fin,
+    Reset(u32),
+    Closed,
+}
+
+/// The receiving half of a stream.
+///
+/// Dropping it before the end of the stream resets the stream once the
+/// send half is done too (at once if it already is); until then incoming
+/// data is discarded, so an answer can still be sent.
+pub struct RecvHalf {
+    shared: Arc<Shared>,
+    id: u32,
+    state: Arc<StreamState>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    /// Bytes read and not yet granted back to the peer.
+    unacked: u64,
+    end: Option<End>,
+}
+
+impl RecvHalf {
+    /// The next chunk; `Ok(None)` at a clean end of stream. Once the stream
+    /// ended, every call returns the same ending.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>> {
+        if self.end.is_none() {
+            match self.rx.recv().await {
+                Some(Event::Data(b)) => {
+                    self.consumed(b.len());
+                    return Ok(Some(b));
+                }
+                Some(Event::Fin) => self.end = Some(End::Fin),
+                Some(Event::Reset(c)) => self.end = Some(End::Reset(c)),
+                None => self.end = Some(End::Closed),
+            }
+        }
+        match self.end {
+            Some(End::Reset(c)) => Err(NetError::Reset(c)),
+            Some(End::Closed) => Err(NetError::Closed),
+            Some(End::Fin) | None => Ok(None),
+        }
+    }
+
+    /// Reads until end of stream; more than `limit` bytes is a protocol error.
+    pub async fn read_to_end(&mut self, limit: usize) -> Result<Bytes> {
+        let mut out = BytesMut::new();
+        while let Some(chunk) = self.recv().await? {
+            if out.len() + chunk.len() > limit {
+                return Err(NetError::Protocol(format!("message over {limit} bytes")));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.freeze())
+    }
+
+    fn consumed(&mut self, n: usize) {
+        self.unacked += n as u64;
+        if self.unacked >= u64::from((self.shared.cfg.stream_window / 2).max(1)) {
+            // Raise the limit before the peer can learn of the grant.
+            self.state
+                .recv_limit
+                .fetch_add(self.unacked, Ordering::AcqRel);
+            let grant = u32::try_from(self.unacked).unwrap_or(u32::MAX);
+            let _ = self
+                .shared
+                .ctrl_tx
+                .send(Frame::u32(Cmd::Window, self.id, grant));
+            self.unacked = 0;
+        }
+        self.shared.consumed_channel(n);
+    }
+
+    pub fn id(&self) -> StreamId {
+        StreamId(self.id)
+    }
+}
+
+impl Drop for RecvHalf {
+    fn drop(&mut self) {
+        if self.end.is_none() {
+            self.shared.recv_dropped(self.id);
+        }
+        // Credit back the bytes delivered but never read. Nothing more is
+        // delivered now: the slot is gone or discards.
+        let mut left = 0;
+        while let Ok(ev) = self.rx.try_recv() {
+            if let Event::Data(b) = ev {
+                left += b.len();
+            }
+        }
+        self.shared.consumed_channel(left);
+    }
+}
+
+/// Whether the reader goes on after a frame.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+async fn reader_task(
+    shared: Arc<Shared>,
+    rd: tokio::io::ReadHalf<BoxIo>,
+    accept_tx: mpsc::Sender<IncomingStream>,
+) {
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut closed = shared.closed.subscribe();
+    let mut chan_received = 0u64;
+    loop {
+        let idle = shared.cfg.idle_timeout;
+        let frame = tokio::select! {
+            _ = closed.wait_for(|c| *c) => break,
+            r = tokio::time::timeout(idle, read_frame(&mut rd)) => r,
+        };
+        let (hdr, payload) = match frame {
+            Err(_) => {
+                tracing::debug!(peer = %shared.peer.short(), "channel idle timeout");
+                break;
+            }
+            Ok(Err(ReadError::Io)) => break,
+            Ok(Err(ReadError::Bad(why))) => {
+                shared.protocol_error(why);
+                break;
+            }
+            Ok(Ok(f)) => f,
+        };
+        shared
+            .stats
+            .bytes_in
+            .fetch_add((FRAME_HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
+        match handle_frame(&shared, &accept_tx, &mut chan_received, hdr, payload) {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Stop) => break,
+            Err(why) => {
+                shared.protocol_error(why);
+                break;
+            }
+        }
+    }
+    shared.shutdown();
+}
+
+fn handle_frame(
+    shared: &Arc<Shared>,
+    accept_tx: &mpsc::Sender<IncomingStream>,
+    chan_received: &mut u64,
+    hdr: FrameHeader,
+    payload: Bytes,
+) -> Result<Flow, &'static str> {
+    if hdr.circ != CircId::DIRECT {
+        return Err("relay circuits are not enabled on this channel");
+    }
+    let id = hdr.stream.0;
+    match hdr.cmd {
+        Cmd::Open => {
+            let mut streams = lock(&shared.streams);
+            if !shared.is_remote_id(id) || id <= streams.last_remote {
+                return Err("bad stream id in OPEN");
+            }
+            streams.last_remote = id;
+            if streams.remote_open >= shared.cfg.max_streams {
+                drop(streams);
+                shared.refuse(id)?;
+                return Ok(Flow::Continue);
+            }
+            let (send, recv) = shared.new_stream(&mut streams, id);
+            drop(streams);
+            let incoming = IncomingStream {
+                open: payload,
+                send,
+                recv,
+            };
+            if let Err(e) = accept_tx.try_send(incoming) {
+                // Accept queue full (or nobody accepts): forget the stream
+                // quietly; the refusal tells the peer.
+                let IncomingStream {
+                    mut send, mut recv, ..
+                } = e.into_inner();
+                send.done = true;
+                recv.end = Some(End::Closed);
+                let mut streams = lock(&shared.streams);
+                shared.take_slot(&mut streams, id);
+                drop(streams);
+                drop((send, recv));
+                shared.refuse(id)?;
+            }
+        }
+        Cmd::Data => {
+            let n = payload.len();
+            *chan_received += n as u64;
+            if *chan_received > shared.chan_recv_limit.load(Ordering::Acquire) {
+                return Err("channel window exceeded");
+            }
+            let mut streams = lock(&shared.streams);
+            let opened = shared.was_opened(&streams, id);
+            match streams.map.get_mut(&id) {
+                Some(slot) => {
+                    if slot.remote_done {
+                        return Err("DATA after FIN");
+                    }
+                    slot.received += n as u64;
+                    if slot.received > slot.state.recv_limit.load(Ordering::Acquire) {
+                        return Err("stream window exceeded");
+                    }
+                    if !slot.recv_dropped && slot.tx.send(Event::Data(payload)).is_ok() {
+                        return Ok(Flow::Continue);
+                    }
+                }
+                None if !opened => {
+                    return Err("DATA on a stream never opened");
+                }
+                // Data racing a reset.
+                None => {}
+            }
+            drop(streams);
+            // Nobody will read these bytes: credit them back at once.
+            shared.consumed_channel(n);
+        }
+        Cmd::Window => {
+            let inc = decode_u32_payload(&payload).map_err(|_| "bad WINDOW")? as usize;
+            if id == 0 {
+                grant(&shared.chan_credit, inc, shared.cfg.channel_window)?;
+            } else {
+                let state = lock(&shared.streams).map.get(&id).map(|s| s.state.clone());
+                // A window for a stream we already forgot is harmless.
+                if let Some(state) = state {
+                    grant(&state.credit, inc, shared.cfg.stream_window)?;
+                }
+            }
+        }
+        Cmd::Fin => {
+            let mut streams = lock(&shared.streams);
+            let opened = shared.was_opened(&streams, id);
+            match streams.map.get_mut(&id) {
+                Some(slot) => {
+                    if slot.remote_done {
+                        return Err("second FIN");
+                    }
+                    slot.remote_done = true;
+                    let _ = slot.tx.send(Event::Fin);
+                    if slot.local_done {
+                        shared.take_slot(&mut streams, id);
+                        let empty = streams.map.is_empty();
+                        drop(streams);
+                        shared.slot_removed(empty);
+                    }
+                }
+                None if !opened => {
+                    return Err("FIN on a stream never opened");
+                }
+                None => {}
+            }
+        }
+        Cmd::Reset => {
+            let c = decode_u32_payload(&payload).map_err(|_| "bad RESET")?;
+            let mut streams = lock(&shared.streams);
+            if let Some(slot) = shared.take_slot(&mut streams, id) {
+                let _ = slot.state.reset.set(c);
+                slot.state.credit.close();
+                let _ = slot.tx.send(Event::Reset(c));
+                let empty = streams.map.is_empty();
+                drop(streams);
+                shared.slot_removed(empty);
+            }
+        }
+        Cmd::Ping => {
+            if !shared.pong_pending.swap(true, Ordering::AcqRel) {
+                let _ = shared.ctrl_tx.send(Frame::new(Cmd::Pong, 0, payload));
+            }
+        }
+        Cmd::Pong => {}
+        Cmd::GoAway => return Ok(Flow::Stop),
+    }
+    Ok(Flow::Continue)
+}
+
+/// Adds `inc` send credit, which an honest receiver never grants beyond the
+/// window in total.
+fn grant(credit: &Semaphore, inc: usize, window: u32) -> Result<(), &'static str> {
+    if credit.is_closed() {
+        return Ok(());
+    }
+    // Only the reader adds permits, so the check cannot go stale.
+    if credit.available_permits().saturating_add(inc) > window as usize {
+        return Err("WINDOW grants more than the window");
+    }
+    credit.add_permits(inc);
+    Ok(())
+}
+
+enum ReadError {
+    Io,
+    Bad(&'static str),
+}
+
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+) -> std::result::Result<(FrameHeader, Bytes), ReadError> {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    rd.read_exact(&mut h).await.map_err(|_| ReadError::Io)?;
+    // Checks the length against the command's maximum before allocating.
+    let hdr = FrameHeader::decode(&h).map_err(|_| ReadError::Bad("malformed frame header"))?;
+    let mut payload = BytesMut::zeroed(hdr.len as usize);
+    rd.read_exact(&mut payload)
+        .await
+        .map_err(|_| ReadError::Io)?;
+    Ok((hdr, payload.freeze()))
+}
+
+async fn writer_task(
+    shared: Arc<Shared>,
+    mut wr: tokio::io::WriteHalf<BoxIo>,
+    mut ordered_rx: mpsc::UnboundedReceiver<Frame>,
+    mut ctrl_rx: mpsc::UnboundedReceiver<Frame>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_DATA_PAYLOAD + FRAME_HEADER_LEN);
+    let mut closed = shared.closed.subscribe();
+    let period = shared.cfg.keepalive;
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wrote_since_tick = false;
+    // The last write completed, so the byte stream ends on a frame boundary.
+    let mut intact = true;
+    loop {
+        let (first, keepalive_ping) = tokio::select! {
+            biased;
+            _ = closed.wait_for(|c| *c) => break,
+            Some(f) = ctrl_rx.recv() => (f, false),
+            Some(f) = ordered_rx.recv() => (f, false),
+            _ = keepalive.tick() => {
+                if wrote_since_tick {
+                    wrote_since_tick = false;
+                    continue;
+                }
+                let mut nonce = [0u8; 8];
+                vx6_proto::identity::fill_random(&mut nonce);
+                (Frame::new(Cmd::Ping, 0, Bytes::copy_from_slice(&nonce)), true)
+            }
+        };
+        let mut batch = Batch::default();
+        batch.push(&mut buf, first, &shared);
+        while buf.len() < WRITE_BATCH && !batch.going_away {
+            let next = match ctrl_rx.try_recv() {
+                Ok(f) => f,
+                Err(_) => match ordered_rx.try_recv() {
+                    Ok(f) => f,
+                    Err(_) => break,
+                },
+            };
+            batch.push(&mut buf, next, &shared);
+        }
+        let written = {
+            let write = async {
+                wr.write_all(&buf).await?;
+                wr.flush().await
+            };
+            tokio::pin!(write);
+            // A peer that stops reading must not pin this task (and our
+            // memory) forever; a closing channel waits only briefly.
+            let r = tokio::select! {
+                r = tokio::time::timeout(shared.cfg.idle_timeout, &mut write) => Some(r),
+                _ = closed.wait_for(|c| *c) => None,
+            };
+            match r {
+                Some(r) => matches!(r, Ok(Ok(()))),
+                None => matches!(
+                    tokio::time::timeout(CLOSE_GRACE, &mut write).await,
+                    Ok(Ok(()))
+                ),
+            }
+        };
+        if !written {
+            intact = false;
+            break;
+        }
+        shared
+            .stats
+            .bytes_out
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        buf.clear();
+        if batch.pong {
+            // The pong is out: the next PING may have one.
+            shared.pong_pending.store(false, Ordering::Release);
+        }
+        // Our own keepalive does not count as traffic, or we would ping
+        // only every other period.
+        wrote_since_tick |= !(keepalive_ping && batch.frames == 1);
+        if batch.going_away {
+            break;
+        }
+    }
+    shared.shutdown();
+    if intact {
+        // Say GOAWAY if one is waiting (from close() or a protocol error).
+        buf.clear();
+        while let Ok(f) = ctrl_rx.try_recv() {
+            if f.hdr.cmd == Cmd::GoAway {
+                buf.extend_from_slice(&f.hdr.encode());
+                buf.extend_from_slice(&f.payload);
+                break;
+            }
+        }
+        if !buf.is_empty() {
+            let write = async {
+                wr.write_all(&buf).await?;
+                wr.flush().await
+            };
+            let _ = tokio::time::timeout(CLOSE_GRACE, write).await;
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, wr.shutdown()).await;
+}
+
+/// What one write batch holds.
+#[derive(Default)]
+struct Batch {
+    frames: usize,
+    pong: bool,
+    going_away: bool,
+}
+
+impl Batch {
+    fn push(&mut self, buf: &mut Vec<u8>, f: Frame, shared: &Shared) {
+        match f.cost {
+            Cost::Free => {}
+            Cost::WriteSlot => shared.write_slots.add_permits(1),
+            Cost::Refusal => {
+                shared.refusals_queued.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.frames += 1;
+        self.pong |= f.hdr.cmd == Cmd::Pong;
+        self.going_away |= f.hdr.cmd == Cmd::GoAway;
+        buf.extend_from_slice(&f.hdr.encode());
+        buf.extend_from_slice(&f.payload);
+    }
+}
