@@ -162,13 +162,19 @@ impl Pool {
 
     /// A channel to `node`, reusing a live one or dialing `endpoints` in
     /// order (callers sort them; IPv6 first by convention) until one works.
+    ///
+    /// A live channel is reused only when its transport is one the caller
+    /// listed, so a caller that asks for QUIC endpoints gets QUIC.
     pub async fn connect(&self, node: NodeId, endpoints: &[Endpoint]) -> Result<Channel> {
-        if let Some(c) = self.get(&node) {
+        let usable = |c: &Channel| {
+            endpoints.is_empty() || endpoints.iter().any(|e| e.transport == c.transport())
+        };
+        if let Some(c) = self.get(&node).filter(usable) {
             return Ok(c);
         }
         let ticket = DialTicket::take(&self.dialing, node);
         let _turn = ticket.gate.lock().await;
-        if let Some(c) = self.get(&node) {
+        if let Some(c) = self.get(&node).filter(usable) {
             return Ok(c);
         }
         let mut last = NetError::Config(format!("no endpoints known for node {}", node.short()));
@@ -196,14 +202,17 @@ impl Pool {
     /// explicit trust-on-first-use) and pools the resulting channel.
     pub async fn dial(&self, ep: Endpoint, expect: Expect) -> Result<Channel> {
         if let Expect::Node(node) = expect
-            && let Some(c) = self.get(&node)
+            && let Some(c) = self.get(&node).filter(|c| c.transport() == ep.transport)
         {
             return Ok(c);
         }
         match self.transports.dial(ep, expect).await {
             Ok(conn) => {
                 self.stats.dials_ok.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = self.get(&conn.peer) {
+                if let Some(c) = self
+                    .get(&conn.peer)
+                    .filter(|c| c.transport() == ep.transport)
+                {
                     return Ok(c);
                 }
                 self.adopt(conn, Role::Dialer)
