@@ -1777,21 +1777,29 @@ async fn pool_dial_any_key_then_get() {
     assert_eq!(c.peer(), b.id());
     let got = a.pool.get(&b.id()).expect("dialed channel not pooled");
     assert!(same(&c, &got));
-    // connect() now reuses it without dialing.
+    // connect() on the same transport reuses it without dialing...
     let again = a
+        .pool
+        .connect(b.id(), &[b.ep(TransportKind::Tcp)])
+        .await
+        .unwrap();
+    assert!(same(&c, &again));
+    // ...while asking for QUIC gets a QUIC channel, not the TCP one.
+    let quic = a
         .pool
         .connect(b.id(), &[b.ep(TransportKind::Quic)])
         .await
         .unwrap();
-    assert!(same(&c, &again));
+    assert_eq!(quic.transport(), TransportKind::Quic);
+    assert!(!same(&c, &quic));
     let again = a
         .pool
         .dial(b.ep(TransportKind::Quic), Expect::Node(b.id()))
         .await
         .unwrap();
-    assert!(same(&c, &again));
-    assert_eq!(a.pool.stats().dials_ok.load(Ordering::SeqCst), 1);
-    echo_works(&c).await;
+    assert!(same(&quic, &again));
+    assert_eq!(a.pool.stats().dials_ok.load(Ordering::SeqCst), 2);
+    echo_works(&quic).await;
     assert_no_lib_panics();
 }
 
