@@ -258,7 +258,60 @@ struct Shared {
     goaway_queued: AtomicBool,
     closed: watch::Sender<bool>,
     stats: ChannelStats,
+    /// Relay circuits on this channel: where the reader delivers their cells.
+    circuits: Mutex<HashMap<u32, mpsc::Sender<CircuitCell>>>,
 }
+
+/// One link-level circuit message (CREATE, CREATED, RELAY or DESTROY).
+#[derive(Debug, Clone)]
+pub struct CircuitCell {
+    pub cmd: Cmd,
+    pub payload: Bytes,
+}
+
+/// Cells arriving on one circuit of a channel. Dropping it forgets the
+/// circuit on this channel (later cells for it are ignored).
+pub struct CircuitRx {
+    shared: Arc<Shared>,
+    id: u32,
+    rx: mpsc::Receiver<CircuitCell>,
+}
+
+impl CircuitRx {
+    /// The next cell; `None` once the channel closed.
+    pub async fn recv(&mut self) -> Option<CircuitCell> {
+        self.rx.recv().await
+    }
+    pub fn id(&self) -> CircId {
+        CircId(self.id)
+    }
+}
+
+impl Drop for CircuitRx {
+    fn drop(&mut self) {
+        let empty = {
+            let mut c = lock(&self.shared.circuits);
+            c.remove(&self.id);
+            c.is_empty()
+        };
+        if empty && lock(&self.shared.streams).map.is_empty() {
+            self.shared.slot_removed(true);
+        }
+    }
+}
+
+/// A circuit the peer opened with CREATE.
+pub struct IncomingCircuit {
+    pub circ: CircId,
+    /// The CREATE payload (handshake).
+    pub create: Bytes,
+    pub rx: CircuitRx,
+}
+
+/// Cells one circuit may have waiting before its reader must take them.
+/// Honest peers stay far below it (the circuit window is smaller); a peer
+/// that overflows it is cut off.
+const CIRCUIT_QUEUE: usize = 1024;
 
 /// Handle to a running channel; cheap to clone.
 ///
@@ -279,9 +332,10 @@ impl std::fmt::Debug for Channel {
     }
 }
 
-/// Streams the peer opened, in order.
+/// Streams and circuits the peer opened, in order.
 pub struct Incoming {
     rx: mpsc::Receiver<IncomingStream>,
+    circ_rx: mpsc::Receiver<IncomingCircuit>,
 }
 
 /// A stream the peer opened, with the payload that says what it is for.
@@ -296,6 +350,35 @@ impl Incoming {
     pub async fn accept(&mut self) -> Option<IncomingStream> {
         self.rx.recv().await
     }
+
+    /// The next circuit the peer created; `None` once the channel is closed.
+    pub async fn accept_circuit(&mut self) -> Option<IncomingCircuit> {
+        self.circ_rx.recv().await
+    }
+
+    /// Splits into the stream and circuit receivers, to serve both at once.
+    pub fn split(self) -> (Incoming, IncomingCircuits) {
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        (
+            Incoming {
+                rx: self.rx,
+                circ_rx: rx,
+            },
+            IncomingCircuits { rx: self.circ_rx },
+        )
+    }
+}
+
+/// The circuit half of [`Incoming::split`].
+pub struct IncomingCircuits {
+    rx: mpsc::Receiver<IncomingCircuit>,
+}
+
+impl IncomingCircuits {
+    pub async fn accept(&mut self) -> Option<IncomingCircuit> {
+        self.rx.recv().await
+    }
 }
 
 impl Channel {
@@ -306,6 +389,7 @@ impl Channel {
         let (ordered_tx, ordered_rx) = mpsc::unbounded_channel();
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let (accept_tx, accept_rx) = mpsc::channel(cfg.accept_queue);
+        let (circ_tx, circ_rx) = mpsc::channel(cfg.accept_queue);
         let (closed, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             peer: conn.peer,
@@ -330,12 +414,19 @@ impl Channel {
             goaway_queued: AtomicBool::new(false),
             closed,
             stats: ChannelStats::default(),
+            circuits: Mutex::new(HashMap::new()),
             cfg,
         });
         let (rd, wr) = tokio::io::split(conn.io);
         tokio::spawn(writer_task(shared.clone(), wr, ordered_rx, ctrl_rx));
-        tokio::spawn(reader_task(shared.clone(), rd, accept_tx));
-        (Channel { shared }, Incoming { rx: accept_rx })
+        tokio::spawn(reader_task(shared.clone(), rd, accept_tx, circ_tx));
+        (
+            Channel { shared },
+            Incoming {
+                rx: accept_rx,
+                circ_rx,
+            },
+        )
     }
 
     pub fn peer(&self) -> NodeId {
@@ -373,7 +464,7 @@ impl Channel {
     /// was replaced by a newer one to the same peer.
     pub fn close_when_idle(&self) {
         self.shared.retiring.store(true, Ordering::SeqCst);
-        if lock(&self.shared.streams).map.is_empty() {
+        if lock(&self.shared.streams).map.is_empty() && lock(&self.shared.circuits).is_empty() {
             self.shared.close_after_queued(code::SHUTDOWN);
         }
     }
@@ -415,6 +506,74 @@ impl Channel {
         drop(streams);
         sh.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
         Ok(halves)
+    }
+
+    /// Starts a circuit on this channel with a fresh id: random, never 0,
+    /// with the top bit telling the two ends' ids apart, so ids are chosen
+    /// per link and are unrelated across links.
+    pub fn new_circuit(&self) -> Result<(CircId, CircuitRx)> {
+        let sh = &self.shared;
+        if sh.is_closed() {
+            return Err(NetError::Closed);
+        }
+        let mut map = lock(&sh.circuits);
+        for _ in 0..64 {
+            let mut r = [0u8; 4];
+            vx6_proto::identity::fill_random(&mut r);
+            let raw = u32::from_be_bytes(r) & 0x7fff_ffff;
+            let id = if sh.role == Role::Dialer {
+                raw | 0x8000_0000
+            } else {
+                raw
+            };
+            if id == 0 || map.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(CIRCUIT_QUEUE);
+            map.insert(id, tx);
+            return Ok((
+                CircId(id),
+                CircuitRx {
+                    shared: sh.clone(),
+                    id,
+                    rx,
+                },
+            ));
+        }
+        Err(NetError::Config("no free circuit id".into()))
+    }
+
+    /// Queues a circuit cell, in order with everything else on the channel,
+    /// waiting for room in the write queue.
+    pub async fn send_cell(&self, circ: CircId, cmd: Cmd, payload: Bytes) -> Result<()> {
+        if !cmd.is_circuit() || circ == CircId::DIRECT {
+            return Err(NetError::Config("not a circuit cell".into()));
+        }
+        let sh = &self.shared;
+        let slot = sh
+            .write_slots
+            .acquire()
+            .await
+            .map_err(|_| NetError::Closed)?;
+        slot.forget();
+        let hdr = FrameHeader {
+            cmd,
+            circ,
+            stream: StreamId(0),
+            len: payload.len() as u32,
+        };
+        sh.ordered_tx
+            .send(Frame {
+                hdr,
+                payload,
+                cost: Cost::WriteSlot,
+            })
+            .map_err(|_| NetError::Closed)
+    }
+
+    /// Relay circuits currently open on this channel.
+    pub fn active_circuits(&self) -> usize {
+        lock(&self.shared.circuits).len()
     }
 
     /// One request/response exchange on a fresh stream: sends `body`, ends
@@ -516,9 +675,30 @@ impl Shared {
         Some(slot)
     }
 
+    /// Refuses a circuit with DESTROY (reason 1: resource limit) without
+    /// waiting: bounded like refused streams.
+    fn queue_destroy(&self, id: u32) {
+        let queued = self.refusals_queued.fetch_add(1, Ordering::AcqRel);
+        if queued > self.cfg.max_streams.max(MIN_REFUSALS_QUEUED) {
+            self.refusals_queued.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let hdr = FrameHeader {
+            cmd: Cmd::Destroy,
+            circ: CircId(id),
+            stream: StreamId(0),
+            len: 1,
+        };
+        let _ = self.ctrl_tx.send(Frame {
+            hdr,
+            payload: Bytes::from_static(&[1]),
+            cost: Cost::Refusal,
+        });
+    }
+
     /// A retiring channel closes when its last stream is gone.
     fn slot_removed(&self, now_empty: bool) {
-        if now_empty && self.retiring.load(Ordering::SeqCst) {
+        if now_empty && self.retiring.load(Ordering::SeqCst) && lock(&self.circuits).is_empty() {
             self.close_after_queued(code::SHUTDOWN);
         }
     }
@@ -556,6 +736,8 @@ impl Shared {
         }
         self.chan_credit.close();
         self.write_slots.close();
+        // Dropping the senders ends every circuit's receiver with `None`.
+        lock(&self.circuits).clear();
     }
 
     fn protocol_error(&self, why: &str) {
@@ -852,6 +1034,7 @@ async fn reader_task(
     shared: Arc<Shared>,
     rd: tokio::io::ReadHalf<BoxIo>,
     accept_tx: mpsc::Sender<IncomingStream>,
+    circ_tx: mpsc::Sender<IncomingCircuit>,
 ) {
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let mut closed = shared.closed.subscribe();
@@ -878,7 +1061,12 @@ async fn reader_task(
             .stats
             .bytes_in
             .fetch_add((FRAME_HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
-        match handle_frame(&shared, &accept_tx, &mut chan_received, hdr, payload) {
+        let handled = if hdr.cmd.is_circuit() {
+            handle_circuit_frame(&shared, &circ_tx, hdr, payload)
+        } else {
+            handle_frame(&shared, &accept_tx, &mut chan_received, hdr, payload)
+        };
+        match handled {
             Ok(Flow::Continue) => {}
             Ok(Flow::Stop) => break,
             Err(why) => {
@@ -897,9 +1085,6 @@ fn handle_frame(
     hdr: FrameHeader,
     payload: Bytes,
 ) -> Result<Flow, &'static str> {
-    if hdr.circ != CircId::DIRECT {
-        return Err("relay circuits are not enabled on this channel");
-    }
     let id = hdr.stream.0;
     match hdr.cmd {
         Cmd::Open => {
@@ -1020,12 +1205,74 @@ fn handle_frame(
         }
         Cmd::Pong => {}
         Cmd::GoAway => return Ok(Flow::Stop),
+        // Routed by `handle_circuit_frame` before this point.
+        Cmd::Create | Cmd::Created | Cmd::Relay | Cmd::Destroy => {}
     }
     Ok(Flow::Continue)
 }
 
 /// Adds `inc` send credit, which an honest receiver never grants beyond the
 /// window in total.
+/// Routes a circuit cell to its circuit, or hands a CREATE for a new one to
+/// the node. Cells for circuits already forgotten are dropped (they race a
+/// DESTROY).
+fn handle_circuit_frame(
+    shared: &Arc<Shared>,
+    circ_tx: &mpsc::Sender<IncomingCircuit>,
+    hdr: FrameHeader,
+    payload: Bytes,
+) -> Result<Flow, &'static str> {
+    let id = hdr.circ.0;
+    let known = lock(&shared.circuits).get(&id).cloned();
+    if let Some(tx) = known {
+        return match tx.try_send(CircuitCell {
+            cmd: hdr.cmd,
+            payload,
+        }) {
+            Ok(()) => Ok(Flow::Continue),
+            Err(mpsc::error::TrySendError::Full(_)) => Err("circuit queue overflow"),
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(Flow::Continue),
+        };
+    }
+    if hdr.cmd != Cmd::Create {
+        return Ok(Flow::Continue);
+    }
+    // The peer picks ids with its own role bit.
+    let peer_bit = if shared.role == Role::Dialer {
+        0
+    } else {
+        0x8000_0000
+    };
+    if id & 0x8000_0000 != peer_bit {
+        return Err("circuit id of the wrong side");
+    }
+    let (tx, rx) = mpsc::channel(CIRCUIT_QUEUE);
+    {
+        let mut map = lock(&shared.circuits);
+        if map.len() >= shared.cfg.max_streams {
+            drop(map);
+            shared.queue_destroy(id);
+            return Ok(Flow::Continue);
+        }
+        map.insert(id, tx);
+    }
+    let incoming = IncomingCircuit {
+        circ: CircId(id),
+        create: payload,
+        rx: CircuitRx {
+            shared: shared.clone(),
+            id,
+            rx,
+        },
+    };
+    if circ_tx.try_send(incoming).is_err() {
+        // Nobody serves circuits, or too many wait: refuse (the CircuitRx
+        // dropped with the error forgets the id).
+        shared.queue_destroy(id);
+    }
+    Ok(Flow::Continue)
+}
+
 fn grant(credit: &Semaphore, inc: usize, window: u32) -> Result<(), &'static str> {
     if credit.is_closed() {
         return Ok(());

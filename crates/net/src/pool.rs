@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex, Weak};
 use vx6_proto::NodeId;
 use vx6_proto::record::Endpoint;
 
-use crate::channel::{Channel, ChannelConfig, Incoming, IncomingStream, Role};
+use crate::channel::{Channel, ChannelConfig, Incoming, IncomingCircuit, IncomingStream, Role};
 use crate::transport::{Conn, Expect, Transports};
 use crate::{NetError, Result};
+use vx6_proto::link::Cmd;
 
 /// What the node does with channels and the streams peers open on them.
 pub trait StreamHandler: Send + Sync + 'static {
@@ -29,6 +30,15 @@ pub trait StreamHandler: Send + Sync + 'static {
     fn handle(&self, chan: Channel, stream: IncomingStream);
     /// A channel came up (dialed or accepted).
     fn channel_up(&self, _chan: &Channel) {}
+    /// A peer created a relay circuit on `chan`. Must not block. The
+    /// default refuses it with DESTROY.
+    fn circuit(&self, chan: Channel, circuit: IncomingCircuit) {
+        tokio::spawn(async move {
+            let _ = chan
+                .send_cell(circuit.circ, Cmd::Destroy, bytes::Bytes::from_static(&[1]))
+                .await;
+        });
+    }
 }
 
 /// Pool counters.
@@ -276,14 +286,22 @@ impl Pool {
 /// takes the channel out of the pool (unless a newer one replaced it).
 async fn serve_incoming(
     chan: Channel,
-    mut incoming: Incoming,
+    incoming: Incoming,
     handler: Arc<dyn StreamHandler>,
     channels: Weak<ChannelMap>,
 ) {
-    while let Some(stream) = incoming.accept().await {
+    let (mut streams, mut circuits) = incoming.split();
+    let (c2, h2) = (chan.clone(), handler.clone());
+    let circ_task = tokio::spawn(async move {
+        while let Some(circ) = circuits.accept().await {
+            h2.circuit(c2.clone(), circ);
+        }
+    });
+    while let Some(stream) = streams.accept().await {
         handler.handle(chan.clone(), stream);
     }
     chan.closed().await;
+    circ_task.abort();
     if let Some(channels) = channels.upgrade() {
         let mut map = lock(&channels);
         if map.get(&chan.peer()).is_some_and(|c| c.is_same(&chan)) {

@@ -1948,3 +1948,120 @@ async fn pool_replaced_channel_is_closed_once_idle() {
     assert_eq!(a.rec.live(), 1);
     assert_no_lib_panics();
 }
+
+// ---- relay circuits on a channel (PROTOCOL.md §5, §9) ----
+
+#[tokio::test]
+async fn circuits_route_cells_both_ways_and_forget_on_drop() {
+    use vx6_proto::link::{CELL_LARGE_LEN, CELL_SMALL_LEN, CREATE_LEN, CREATED_LEN};
+    let (a, _ai, b, bi) = pair(ChannelConfig::default());
+    let (_streams, mut bcircs) = bi.split();
+    let (circ, mut arx) = a.new_circuit().unwrap();
+    assert_ne!(circ.0, 0);
+    assert_eq!(
+        circ.0 & 0x8000_0000,
+        0x8000_0000,
+        "dialer ids carry the top bit"
+    );
+    a.send_cell(circ, Cmd::Create, Bytes::from(vec![7u8; CREATE_LEN]))
+        .await
+        .unwrap();
+    let mut inc = timeout(Duration::from_secs(2), bcircs.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inc.circ, circ);
+    assert_eq!(&inc.create[..], &[7u8; CREATE_LEN][..]);
+    b.send_cell(circ, Cmd::Created, Bytes::from(vec![9u8; CREATED_LEN]))
+        .await
+        .unwrap();
+    let got = timeout(Duration::from_secs(2), arx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.cmd, Cmd::Created);
+    for i in 0..100u8 {
+        let len = if i % 2 == 0 {
+            CELL_SMALL_LEN
+        } else {
+            CELL_LARGE_LEN
+        };
+        a.send_cell(circ, Cmd::Relay, Bytes::from(vec![i; len]))
+            .await
+            .unwrap();
+    }
+    for i in 0..100u8 {
+        let c = timeout(Duration::from_secs(2), inc.rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.cmd, Cmd::Relay);
+        assert!(c.payload.iter().all(|&x| x == i), "cells arrive in order");
+    }
+    assert_eq!(a.active_circuits(), 1);
+    drop(arx);
+    assert_eq!(a.active_circuits(), 0);
+    // Cells for a forgotten circuit are dropped, not fatal.
+    b.send_cell(circ, Cmd::Relay, Bytes::from(vec![1u8; CELL_SMALL_LEN]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!a.is_closed());
+    // Closing the channel ends the peer's circuit receiver.
+    a.close();
+    let end = timeout(Duration::from_secs(2), async {
+        loop {
+            if inc.rx.recv().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok());
+    assert!(matches!(
+        a.send_cell(circ, Cmd::Relay, Bytes::from(vec![0u8; CELL_SMALL_LEN]))
+            .await,
+        Err(NetError::Closed)
+    ));
+}
+
+#[tokio::test]
+async fn circuit_frames_with_a_bad_shape_close_the_channel() {
+    // A RELAY cell of a size that is not a cell size is a malformed frame.
+    let (chan, _inc, mut raw) = raw_pair(ChannelConfig::default(), 64 * KIB);
+    let hdr = FrameHeader {
+        cmd: Cmd::Relay,
+        circ: CircId(5),
+        stream: StreamId(0),
+        len: 100,
+    };
+    let mut buf = hdr.encode().to_vec();
+    buf.extend_from_slice(&[0u8; 100]);
+    raw.write_raw(&buf).await;
+    expect_protocol_close(&chan, &mut raw).await;
+}
+
+#[tokio::test]
+async fn unserved_circuits_are_refused_with_destroy() {
+    // The raw peer is the dialer, so its ids carry the top bit.
+    let (chan, inc, mut raw) = raw_pair(ChannelConfig::default(), 64 * KIB);
+    drop(inc);
+    let hdr = FrameHeader {
+        cmd: Cmd::Create,
+        circ: CircId(0x8000_0005),
+        stream: StreamId(0),
+        len: vx6_proto::link::CREATE_LEN as u32,
+    };
+    let mut buf = hdr.encode().to_vec();
+    buf.extend_from_slice(&[0u8; vx6_proto::link::CREATE_LEN]);
+    raw.write_raw(&buf).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    chan.close();
+    let frames = raw.drain().await;
+    assert!(
+        frames
+            .iter()
+            .any(|(h, _)| h.cmd == Cmd::Destroy && h.circ == CircId(0x8000_0005)),
+        "{frames:?}"
+    );
+}

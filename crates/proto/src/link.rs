@@ -25,6 +25,16 @@ pub const MAX_DATA_PAYLOAD: usize = 32 * 1024;
 pub const MAX_OPEN_PAYLOAD: usize = 1024;
 /// Largest payload of any frame.
 pub const MAX_FRAME_PAYLOAD: usize = MAX_DATA_PAYLOAD;
+/// The two relay cell sizes (PROTOCOL.md §9): small for control and
+/// interactive data, large for bulk. A relay learns only the size class.
+pub const CELL_SMALL_LEN: usize = 512;
+pub const CELL_LARGE_LEN: usize = 8192;
+/// CREATE payload: `u16 handshake type || X25519 public key`.
+pub const CREATE_LEN: usize = 2 + 32;
+/// CREATED payload: `X25519 public key || 32-byte auth`.
+pub const CREATED_LEN: usize = 32 + 32;
+/// DESTROY payload: one reason byte.
+pub const DESTROY_LEN: usize = 1;
 
 /// Stream ids opened by the channel's dialer are odd, the acceptor's even, so
 /// the two ends never pick the same id.
@@ -58,6 +68,15 @@ pub enum Cmd {
     Pong,
     /// Payload `u32` code: the sender is closing the channel.
     GoAway,
+    /// Relay circuits (circuit id ≠ 0, stream 0; PROTOCOL.md §9): open a
+    /// circuit to the channel peer with a handshake.
+    Create,
+    /// The handshake answer to a Create.
+    Created,
+    /// One fixed-size onion-encrypted relay cell.
+    Relay,
+    /// Tear the circuit down; one reason byte.
+    Destroy,
 }
 
 impl Cmd {
@@ -71,6 +90,10 @@ impl Cmd {
             Cmd::Ping => 6,
             Cmd::Pong => 7,
             Cmd::GoAway => 8,
+            Cmd::Create => 9,
+            Cmd::Created => 10,
+            Cmd::Relay => 11,
+            Cmd::Destroy => 12,
         }
     }
     pub fn from_code(c: u8) -> Result<Self> {
@@ -83,6 +106,10 @@ impl Cmd {
             6 => Cmd::Ping,
             7 => Cmd::Pong,
             8 => Cmd::GoAway,
+            9 => Cmd::Create,
+            10 => Cmd::Created,
+            11 => Cmd::Relay,
+            12 => Cmd::Destroy,
             t => {
                 return Err(Error::UnknownTag {
                     what: "frame command",
@@ -99,7 +126,16 @@ impl Cmd {
             Cmd::Window | Cmd::Reset | Cmd::GoAway => len == 4,
             Cmd::Fin => len == 0,
             Cmd::Ping | Cmd::Pong => len == 8,
+            Cmd::Create => len == CREATE_LEN,
+            Cmd::Created => len == CREATED_LEN,
+            Cmd::Relay => len == CELL_SMALL_LEN || len == CELL_LARGE_LEN,
+            Cmd::Destroy => len == DESTROY_LEN,
         }
+    }
+
+    /// Commands that belong to a relay circuit rather than a stream.
+    pub fn is_circuit(self) -> bool {
+        matches!(self, Cmd::Create | Cmd::Created | Cmd::Relay | Cmd::Destroy)
     }
 }
 
@@ -137,6 +173,26 @@ impl FrameHeader {
             return Err(Error::Invalid {
                 what: "frame",
                 why: "payload length not allowed for command",
+            });
+        }
+        if cmd.is_circuit() {
+            if circ.0 == 0 || stream.0 != 0 {
+                return Err(Error::Invalid {
+                    what: "frame",
+                    why: "circuit frame needs a circuit id and stream 0",
+                });
+            }
+            return Ok(Self {
+                cmd,
+                circ,
+                stream,
+                len,
+            });
+        }
+        if circ.0 != 0 {
+            return Err(Error::Invalid {
+                what: "frame",
+                why: "stream frames belong to circuit 0",
             });
         }
         let channel_level = matches!(cmd, Cmd::Ping | Cmd::Pong | Cmd::GoAway);
@@ -228,8 +284,24 @@ mod tests {
             hdr(Cmd::Ping, 0, 1, 8),
             hdr(Cmd::Fin, 0, 1, 1),
             hdr(Cmd::Window, 0, 1, 3),
+            hdr(Cmd::Data, 5, 1, 10),
+            hdr(Cmd::Relay, 0, 0, CELL_SMALL_LEN as u32),
+            hdr(Cmd::Relay, 5, 1, CELL_SMALL_LEN as u32),
+            hdr(Cmd::Relay, 5, 0, CELL_SMALL_LEN as u32 + 1),
+            hdr(Cmd::Create, 5, 0, CREATE_LEN as u32 - 1),
+            hdr(Cmd::Created, 5, 0, CREATED_LEN as u32 + 1),
+            hdr(Cmd::Destroy, 5, 0, 0),
         ] {
             assert!(FrameHeader::decode(&h.encode()).is_err(), "{h:?}");
+        }
+        for h in [
+            hdr(Cmd::Relay, 5, 0, CELL_SMALL_LEN as u32),
+            hdr(Cmd::Relay, 5, 0, CELL_LARGE_LEN as u32),
+            hdr(Cmd::Create, 5, 0, CREATE_LEN as u32),
+            hdr(Cmd::Created, 5, 0, CREATED_LEN as u32),
+            hdr(Cmd::Destroy, 5, 0, DESTROY_LEN as u32),
+        ] {
+            assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
         }
         let mut raw = hdr(Cmd::Data, 0, 1, 1).encode();
         raw[0] = 99;
