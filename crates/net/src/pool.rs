@@ -211,18 +211,19 @@ impl Pool {
     /// Dials one endpoint with an explicit expectation (a pinned id or an
     /// explicit trust-on-first-use) and pools the resulting channel.
     pub async fn dial(&self, ep: Endpoint, expect: Expect) -> Result<Channel> {
+        // Reuse only a channel to this very endpoint: the caller asks "is the
+        // node at this address the one I expect?", which a channel to the
+        // same node at another address does not answer.
+        let same_endpoint = |c: &Channel| c.transport() == ep.transport && c.remote() == ep.addr;
         if let Expect::Node(node) = expect
-            && let Some(c) = self.get(&node).filter(|c| c.transport() == ep.transport)
+            && let Some(c) = self.get(&node).filter(same_endpoint)
         {
             return Ok(c);
         }
         match self.transports.dial(ep, expect).await {
             Ok(conn) => {
                 self.stats.dials_ok.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = self
-                    .get(&conn.peer)
-                    .filter(|c| c.transport() == ep.transport)
-                {
+                if let Some(c) = self.get(&conn.peer).filter(same_endpoint) {
                     return Ok(c);
                 }
                 self.adopt(conn, Role::Dialer)
