@@ -971,3 +971,88 @@ fn hostile_input() {
     echo_via(&attacker, 9000, small, Duration::from_secs(30)).expect("forward after the attack");
     drop(udp_socks);
 }
+
+// ---------------------------------------------------------------- partition
+
+fn partition_then_heal(transport: &str) {
+    let Some((lab, owner)) = two_hosts(&format!("partition-{transport}"), 0) else {
+        return;
+    };
+    let client = lab.host(2).clone();
+    let small = Arc::new(random_bytes(64 * 1024));
+    let out = connect_addr(&lab, 2, 1, "web", 9000, Some(&owner), transport);
+    assert!(out.ok(), "connect: {}", out.describe());
+    echo_via(&client, 9000, small.clone(), Duration::from_secs(30)).expect("echo before");
+
+    // Cut the owner off: a connect fails with one clear line, in bounded time.
+    lab.link(1, false);
+    let t = Instant::now();
+    let out = connect_addr(&lab, 2, 1, "web", 9001, Some(&owner), transport);
+    let secs = t.elapsed().as_secs_f64();
+    lab.log(format!(
+        "{transport}: connect while partitioned: {} after {secs:.1} s",
+        out.describe()
+    ));
+    let mut failures = Vec::new();
+    if out.ok() {
+        failures.push(format!(
+            "connect to a partitioned owner succeeded: {}",
+            out.describe()
+        ));
+    } else {
+        let short: String = owner.chars().take(12).collect();
+        let addr = lab.host(1).addr.to_string();
+        let err = out.stderr.trim();
+        if err.lines().count() != 1 {
+            failures.push(format!("the error should be one line: {err:?}"));
+        }
+        if !(err.contains(&addr) || err.contains(&short)) {
+            failures.push(format!(
+                "the error for an unreachable owner should say what could not be reached ({addr} or node {short}): {err:?}"
+            ));
+        }
+    }
+    if secs >= 15.0 {
+        failures.push(format!(
+            "connect to a partitioned owner took {secs:.1} s to fail"
+        ));
+    }
+
+    // Heal: a new connect works again.
+    lab.link(1, true);
+    let healed = Instant::now();
+    let mut attempt = 0;
+    let r = poll_until(Duration::from_secs(20), || {
+        attempt += 1;
+        let port = 9100 + attempt;
+        let out = connect_addr(&lab, 2, 1, "web", port, Some(&owner), transport);
+        if !out.ok() {
+            return Err(out.stderr.trim().to_string());
+        }
+        echo_via(&client, port, small.clone(), Duration::from_secs(10))
+    });
+    lab.log(format!(
+        "{transport}: after healing: {r:?} ({attempt} attempts, {:.1} s)",
+        healed.elapsed().as_secs_f64()
+    ));
+    if let Err(e) = r {
+        failures.push(format!(
+            "no new connection within 20 s of the partition healing: {e}"
+        ));
+    }
+    assert!(
+        failures.is_empty(),
+        "{transport}: partition:\n  {}",
+        failures.join("\n  ")
+    );
+}
+
+#[test]
+fn partition_then_heal_tcp() {
+    partition_then_heal("tcp");
+}
+
+#[test]
+fn partition_then_heal_quic() {
+    partition_then_heal("quic");
+}
