@@ -9,6 +9,7 @@ pub mod client;
 pub mod flow;
 pub mod handshake;
 pub mod msg;
+pub mod path;
 pub mod relay;
 
 mod error;

@@ -77,7 +77,8 @@ pub fn check_value(
             // Private services are served only by their owner to allowed
             // clients; a copy a client received must never be republished
             // where anyone could learn the service exists.
-            let rec = Signed::<ServiceRecord>::decode(bytes).map_err(|_| RejectReason::Malformed)?;
+            let rec =
+                Signed::<ServiceRecord>::decode(bytes).map_err(|_| RejectReason::Malformed)?;
             if rec.body.visibility != vx6_proto::record::Visibility::Public {
                 return Err(RejectReason::UnsupportedFamily);
             }

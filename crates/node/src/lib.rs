@@ -10,8 +10,10 @@
 //! - [`forward`]: copying bytes between local sockets and streams;
 //! - [`metrics`]: opt-in Prometheus text metrics.
 
+pub mod circuits;
 pub mod config;
 pub mod control;
+pub mod cstream;
 pub mod db;
 pub mod dht;
 pub mod discovery;
@@ -20,6 +22,7 @@ pub mod forward;
 pub mod home;
 pub mod metrics;
 pub mod node;
+pub mod relay;
 
 pub use error::{NodeError, Result};
 pub use node::Node;

@@ -115,6 +115,8 @@ pub(crate) struct Inner {
     own: RwLock<Option<(Signed<NodeRecord>, Signed<NameClaim>)>>,
     onion_secret: x25519_dalek::StaticSecret,
     pub(crate) dht: crate::dht::DhtState,
+    pub(crate) relay: crate::relay::RelayState,
+    pub(crate) anon: crate::circuits::AnonLinks,
     _lock: DaemonLock,
 }
 
@@ -136,6 +138,9 @@ impl Inner {
     }
     pub(crate) fn set_own_records(&self, rec: Signed<NodeRecord>, claim: Signed<NameClaim>) {
         *self.own.write().unwrap_or_else(|p| p.into_inner()) = Some((rec, claim));
+    }
+    pub(crate) fn onion_secret(&self) -> &x25519_dalek::StaticSecret {
+        &self.onion_secret
     }
     pub(crate) fn onion_public(&self) -> OnionKey {
         OnionKey(x25519_dalek::PublicKey::from(&self.onion_secret).to_bytes())
@@ -162,6 +167,12 @@ impl StreamHandler for Dispatch {
             return;
         };
         tokio::spawn(crate::discovery::sync_with(Node { inner }, chan.clone()));
+    }
+    fn circuit(&self, chan: Channel, circuit: vx6_net::channel::IncomingCircuit) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        crate::relay::accept(Node { inner }, chan, circuit);
     }
 }
 
@@ -246,6 +257,8 @@ impl Node {
         let (shutdown, _) = watch::channel(false);
         let id = key.node_id();
         let onion_secret = key.onion_secret();
+        let relay_budget = config.relay.max_circuits as usize;
+        let anon = crate::circuits::AnonLinks::new(&config.transports).await?;
         let dht = crate::dht::DhtState::new(id, &config, &db)?;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
             pool: Pool::new(
@@ -268,6 +281,8 @@ impl Node {
             own: RwLock::new(None),
             onion_secret,
             dht,
+            relay: crate::relay::RelayState::new(relay_budget),
+            anon,
             _lock: lock,
         });
         let node = Node { inner };
@@ -329,6 +344,7 @@ impl Node {
             f.task.abort();
         }
         self.inner.pool.close();
+        self.inner.anon.close();
         let _ = std::fs::remove_file(self.inner.home.socket_path());
     }
 
@@ -553,12 +569,16 @@ impl Node {
                 (owner, vec![ep], service, pinned_now)
             }
             (None, Some(name)) => {
-                if via != "direct" {
-                    return Err(NodeError::Invalid(format!(
-                        "--via {via} is not available yet on this node"
-                    )));
-                }
                 let r = crate::discovery::resolve_service(self, name, Some(transport)).await?;
+                match via {
+                    "direct" => {}
+                    "relay" => return self.open_relay_forward(spec, conn, listen, r).await,
+                    other => {
+                        return Err(NodeError::Invalid(format!(
+                            "unknown --via '{other}': use direct or relay"
+                        )));
+                    }
+                }
                 (r.node, r.endpoints, r.service, false)
             }
             _ => {
@@ -625,6 +645,108 @@ impl Node {
         Ok(json!({
             "id": id, "listen": local.to_string(), "node": owner.to_string(), "service": service.as_str(),
             "pinned": pinned_now, "via": via,
+        }))
+    }
+
+    /// A forward whose connections go through a relay circuit to the owner.
+    /// The circuit is built now (so a missing path fails at once) and
+    /// rebuilt, around relays that failed, when it dies.
+    async fn open_relay_forward(
+        &self,
+        spec: &ConnectSpec,
+        conn: Option<u64>,
+        listen: SocketAddr,
+        r: crate::discovery::Resolved,
+    ) -> Result<serde_json::Value> {
+        let hops = spec.hops.map_or(crate::circuits::DEFAULT_HOPS, usize::from);
+        if !(1..=vx6_circuit::MAX_HOPS - 1).contains(&hops) {
+            return Err(NodeError::Invalid(format!(
+                "--hops must be between 1 and {}",
+                vx6_circuit::MAX_HOPS - 1
+            )));
+        }
+        let owner = r.node;
+        let target = crate::discovery::registry_record(self, &owner).ok_or_else(|| {
+            NodeError::NotFound(format!(
+                "no record of node {} to build a circuit to",
+                owner.short()
+            ))
+        })?;
+        let first = crate::circuits::build(self, &target, hops).await?;
+        let path: Vec<String> = first.path.iter().map(|n| n.short()).collect();
+        let listener = TcpListener::bind(listen).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                NodeError::Invalid(format!("cannot listen on {listen}: address already in use"))
+            } else {
+                NodeError::io(format!("cannot listen on {listen}"), e)
+            }
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| NodeError::io("listener address", e))?;
+        let id = self.inner.next_forward.fetch_add(1, Ordering::Relaxed);
+        let connections = Arc::new(AtomicU64::new(0));
+        let node = self.clone();
+        let conns = connections.clone();
+        let service = r.service.clone();
+        let svc = service.clone();
+        let circ = Arc::new(tokio::sync::Mutex::new(first));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                conns.fetch_add(1, Ordering::Relaxed);
+                node.inner
+                    .counters
+                    .forward_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                let node = node.clone();
+                let (circ, svc, target) = (circ.clone(), svc.clone(), target.clone());
+                tokio::spawn(async move {
+                    let c = {
+                        let mut g = circ.lock().await;
+                        if !g.is_alive() {
+                            match crate::circuits::build(&node, &target, hops).await {
+                                Ok(c) => *g = c,
+                                Err(e) => {
+                                    node.inner
+                                        .counters
+                                        .forward_failures
+                                        .fetch_add(1, Ordering::Relaxed);
+                                    tracing::warn!(error = %e, "cannot rebuild the relay circuit");
+                                    return;
+                                }
+                            }
+                        }
+                        g.clone()
+                    };
+                    if c.open(tcp, svc).await.is_err() {
+                        node.inner
+                            .counters
+                            .forward_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        })
+        .abort_handle();
+        let describe = format!("{}.{service} via relay", owner.short());
+        lock(&self.inner.forwards).insert(
+            id,
+            ForwardEntry {
+                listen: local,
+                describe,
+                owner,
+                conn: if spec.detach { None } else { conn },
+                task,
+                connections,
+            },
+        );
+        Ok(json!({
+            "id": id, "listen": local.to_string(), "node": owner.to_string(), "service": service.as_str(),
+            "pinned": false, "via": "relay", "path": path,
         }))
     }
 
@@ -784,6 +906,10 @@ impl Node {
                 "dropped_over_limit": ts.dropped_over_limit,
             },
             "discovery": crate::discovery::status(self),
+            "circuits": {
+                "own": self.inner.anon.status(),
+                "relay": self.inner.relay.status(),
+            },
         })
     }
 
