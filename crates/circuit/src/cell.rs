@@ -1,5 +1,5 @@
 //! Link cells: what travels in a channel frame whose circuit id is not 0
-//! (PROTOCOL-circuit.md §9.2), and the fixed-size encrypted cell body.
+//! (PROTOCOL.md §9.2), and the fixed-size encrypted cell body.
 //!
 //! This module owns byte layouts only. It never decrypts anything and never
 //! decides what a cell means for a circuit; that is [`crate::client`] and

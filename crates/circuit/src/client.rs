@@ -1,4 +1,4 @@
-//! The client's end of a circuit (PROTOCOL-circuit.md §9.6): builds it one
+//! The client's end of a circuit (PROTOCOL.md §9.6): builds it one
 //! hop at a time, seals cells to any hop, and opens cells from any hop.
 //!
 //! The client holds every hop's keys. Forward, it seals a message with the

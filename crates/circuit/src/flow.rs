@@ -1,4 +1,4 @@
-//! Flow-control windows (PROTOCOL-circuit.md §9.8): plain counters the
+//! Flow-control windows (PROTOCOL.md §9.8): plain counters the
 //! driver keeps per circuit and per stream, at both ends of the data path
 //! (the client and the last hop). Relays in the middle keep none: their
 //! queues are bounded because the ends never have more than a window of DATA

@@ -1,4 +1,4 @@
-//! The circuit handshake (PROTOCOL-circuit.md §9.3): ntor-style, one
+//! The circuit handshake (PROTOCOL.md §9.3): ntor-style, one
 //! round trip, authenticated by the relay's onion key.
 //!
 //! The client knows the relay's node id `ID` and onion key `B` from the

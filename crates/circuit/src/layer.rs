@@ -1,4 +1,4 @@
-//! One hop's onion layer (PROTOCOL-circuit.md §9.4): per direction a
+//! One hop's onion layer (PROTOCOL.md §9.4): per direction a
 //! ChaCha20 stream key `S` and a ChaCha20-Poly1305 key `A`, each with its own
 //! counter used as the nonce.
 //!

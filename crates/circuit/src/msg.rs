@@ -1,5 +1,5 @@
 //! Relay messages: the plaintext inside a cell body, seen only by the hop a
-//! cell is for (PROTOCOL-circuit.md §9.5).
+//! cell is for (PROTOCOL.md §9.5).
 //!
 //! ```text
 //! u8 cmd | u32 stream | u16 len | data[len] | zero padding

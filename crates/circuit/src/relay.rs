@@ -1,4 +1,4 @@
-//! One relay's state for one circuit (PROTOCOL-circuit.md §9.7): its
+//! One relay's state for one circuit (PROTOCOL.md §9.7): its
 //! onion layer and whether it has a next hop. The owner of a service is a
 //! relay hop too — the last one.
 //!

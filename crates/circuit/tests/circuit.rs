@@ -1,6 +1,6 @@
 //! End-to-end tests of the sans-IO circuit core through its public API, the
 //! way a driver uses it: a client, three relays and the owner in memory
-//! (PROTOCOL-circuit.md §9.3–§9.7).
+//! (PROTOCOL.md §9.3–§9.7).
 
 use proptest::prelude::*;
 use vx6_circuit::*;
