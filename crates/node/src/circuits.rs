@@ -23,7 +23,7 @@ use vx6_net::transport::{NetConfig, Transports};
 use vx6_proto::identity::fill_random;
 use vx6_proto::link::{CircId, Cmd, StreamId, code};
 use vx6_proto::name::ServiceName;
-use vx6_proto::record::{Capabilities, NodeRecord, Signed};
+use vx6_proto::record::{Capabilities, NodeRecord, Signed, TransportKind};
 use vx6_proto::{NodeId, NodeKeypair};
 
 use crate::cstream::StreamMux;
@@ -179,7 +179,12 @@ async fn recv_cell(rx: &mut CircuitRx) -> Result<Bytes> {
 }
 
 /// Builds a circuit through `hops` relays to `target` (the owner, last hop).
-pub async fn build(node: &Node, target: &Signed<NodeRecord>, hops: usize) -> Result<ClientCirc> {
+pub async fn build(
+    node: &Node,
+    target: &Signed<NodeRecord>,
+    hops: usize,
+    prefer: Option<TransportKind>,
+) -> Result<ClientCirc> {
     let inner = node.inner();
     let cands = candidates(node);
     let own_addrs: Vec<IpAddr> = node
@@ -224,7 +229,7 @@ pub async fn build(node: &Node, target: &Signed<NodeRecord>, hops: usize) -> Res
             .map(|(_, r)| r.clone())
     };
     let started = Instant::now();
-    let result = build_path(node, &path, &rec, target).await;
+    let result = build_path(node, &path, &rec, target, prefer).await;
     let anon = &inner.anon;
     match result {
         Ok((chan, circ, rx, cc)) => {
@@ -263,6 +268,7 @@ async fn build_path(
     path: &[NodeId],
     rec: &impl Fn(&NodeId) -> Option<Signed<NodeRecord>>,
     target: &Signed<NodeRecord>,
+    prefer: Option<TransportKind>,
 ) -> std::result::Result<Built, (NodeError, Option<NodeId>)> {
     let inner = node.inner();
     let first = *path
@@ -273,7 +279,14 @@ async fn build_path(
         Some(first),
     ))?;
     let mut eps = first_rec.body.endpoints.clone();
-    crate::discovery::sort_endpoints(&mut eps, None);
+    crate::discovery::sort_endpoints(&mut eps, prefer);
+    // Relays extend over the transport the circuit arrived on, so the first
+    // link's transport is the circuit's.
+    if let Some(t) = prefer
+        && eps.iter().any(|e| e.transport == t)
+    {
+        eps.retain(|e| e.transport == t);
+    }
     let chan = inner
         .anon
         .pool

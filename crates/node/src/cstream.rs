@@ -154,13 +154,16 @@ impl StreamMux {
         self.streams.remove(&id);
     }
 
+    /// Forgets a stream that ended cleanly both ways. Its writer may still
+    /// be flushing the last bytes to the socket: let it finish (it ends by
+    /// itself once its queue is drained) instead of aborting it.
     fn reap(&mut self, id: StreamId) {
-        if self
-            .streams
-            .get(&id)
-            .is_some_and(|e| e.local_done && e.remote_done)
-        {
-            self.streams.remove(&id);
+        if let Some(mut e) = self.streams.remove(&id) {
+            if e.local_done && e.remote_done {
+                e.tasks.clear();
+            } else {
+                self.streams.insert(id, e);
+            }
         }
     }
 

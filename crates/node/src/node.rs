@@ -672,7 +672,8 @@ impl Node {
                 owner.short()
             ))
         })?;
-        let first = crate::circuits::build(self, &target, hops).await?;
+        let prefer = spec.transport.as_deref().and_then(|t| t.parse().ok());
+        let first = crate::circuits::build(self, &target, hops, prefer).await?;
         let path: Vec<String> = first.path.iter().map(|n| n.short()).collect();
         let listener = TcpListener::bind(listen).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -708,7 +709,7 @@ impl Node {
                     let c = {
                         let mut g = circ.lock().await;
                         if !g.is_alive() {
-                            match crate::circuits::build(&node, &target, hops).await {
+                            match crate::circuits::build(&node, &target, hops, prefer).await {
                                 Ok(c) => *g = c,
                                 Err(e) => {
                                     node.inner
