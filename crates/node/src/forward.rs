@@ -35,7 +35,10 @@ pub async fn pump(
     mut recv: RecvHalf,
     initial: bytes::Bytes,
     expect_status: bool,
+    meter: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> PumpResult {
+    use std::sync::atomic::Ordering;
+    let meter2 = meter.clone();
     let _ = tcp.set_nodelay(true);
     let (mut rd, mut wr) = tcp.into_split();
     let up = async move {
@@ -49,6 +52,7 @@ pub async fn pump(
                 }
                 Ok(k) => {
                     n += k as u64;
+                    meter.fetch_add(k as u64, Ordering::Relaxed);
                     if send.send(buf.split().freeze()).await.is_err() {
                         return (n, true, send);
                     }
@@ -80,6 +84,7 @@ pub async fn pump(
                         }
                     }
                     n += b.len() as u64;
+                    meter2.fetch_add(b.len() as u64, Ordering::Relaxed);
                     if wr.write_all(&b).await.is_err() {
                         return (n, true);
                     }

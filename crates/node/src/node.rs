@@ -117,6 +117,8 @@ pub(crate) struct Inner {
     pub(crate) dht: crate::dht::DhtState,
     pub(crate) relay: crate::relay::RelayState,
     pub(crate) anon: crate::circuits::AnonLinks,
+    /// Bytes of this node's own forwarded traffic (for the transit share).
+    pub(crate) own_bytes: Arc<AtomicU64>,
     _lock: DaemonLock,
 }
 
@@ -283,6 +285,7 @@ impl Node {
             dht,
             relay: crate::relay::RelayState::new(relay_budget),
             anon,
+            own_bytes: Arc::new(AtomicU64::new(0)),
             _lock: lock,
         });
         let node = Node { inner };
@@ -474,7 +477,15 @@ impl Node {
         {
             return;
         }
-        forward::pump(tcp, send, recv, Bytes::new(), false).await;
+        forward::pump(
+            tcp,
+            send,
+            recv,
+            Bytes::new(),
+            false,
+            self.inner.own_bytes.clone(),
+        )
+        .await;
     }
 
     /// Signed records of the services `client` may see.
@@ -818,7 +829,15 @@ impl Node {
                 return;
             }
         };
-        let r = forward::pump(tcp, send, recv, Bytes::new(), true).await;
+        let r = forward::pump(
+            tcp,
+            send,
+            recv,
+            Bytes::new(),
+            true,
+            self.inner.own_bytes.clone(),
+        )
+        .await;
         if r.aborted {
             c.forward_failures.fetch_add(1, Ordering::Relaxed);
         }

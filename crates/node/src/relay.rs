@@ -50,6 +50,11 @@ pub struct RelayState {
     pub begins_refused: AtomicU64,
     pub torn_down_protocol: AtomicU64,
     pub transit_bytes: AtomicU64,
+    pub refused_bandwidth: AtomicU64,
+    /// (when, own bytes, transit bytes) at the start of the current window.
+    window: std::sync::Mutex<(std::time::Instant, u64, u64)>,
+    /// Transit share of the last complete window, in thousandths.
+    last_share: AtomicU64,
 }
 
 impl RelayState {
@@ -69,7 +74,31 @@ impl RelayState {
             begins_refused: AtomicU64::new(0),
             torn_down_protocol: AtomicU64::new(0),
             transit_bytes: AtomicU64::new(0),
+            refused_bandwidth: AtomicU64::new(0),
+            window: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+            last_share: AtomicU64::new(0),
         }
+    }
+
+    /// Whether transit traffic took more than `max_share` of what this node
+    /// moved over the last window (about a second) while its own traffic
+    /// was flowing. With no own traffic, transit may use everything.
+    pub fn over_bandwidth_share(&self, own_total: u64, max_share: f64) -> bool {
+        let transit_total = self.transit_bytes.load(Ordering::Relaxed);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            let own = own_total.saturating_sub(w.1);
+            let transit = transit_total.saturating_sub(w.2);
+            let share = if own == 0 {
+                0
+            } else {
+                transit.saturating_mul(1000) / (own + transit).max(1)
+            };
+            self.last_share.store(share, Ordering::Relaxed);
+            *w = (std::time::Instant::now(), own_total, transit_total);
+        }
+        let share = self.last_share.load(Ordering::Relaxed);
+        share as f64 / 1000.0 > max_share.clamp(0.0, 1.0)
     }
 
     /// Transit circuits (with a next hop) carried now.
@@ -92,6 +121,8 @@ impl RelayState {
             "begins_refused": l(&self.begins_refused),
             "torn_down_protocol": l(&self.torn_down_protocol),
             "transit_bytes": l(&self.transit_bytes),
+            "refused_bandwidth": l(&self.refused_bandwidth),
+            "transit_share_permille": l(&self.last_share),
         })
     }
 }
@@ -432,15 +463,23 @@ async fn extend(
     create: &Create,
 ) -> Result<(Next, Created), Reason> {
     let inner = node.inner();
-    let relay_on = inner
-        .config
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .relay
-        .enabled;
+    let (relay_on, max_share) = {
+        let cfg = inner.config.read().unwrap_or_else(|p| p.into_inner());
+        (cfg.relay.enabled, cfg.relay.max_transit_share)
+    };
     if !relay_on || to == inner.id || to == prev.peer() {
         inner.relay.refused_policy.fetch_add(1, Ordering::Relaxed);
         return Err(Reason::Refused);
+    }
+    if inner
+        .relay
+        .over_bandwidth_share(inner.own_bytes.load(Ordering::Relaxed), max_share)
+    {
+        inner
+            .relay
+            .refused_bandwidth
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(Reason::Busy);
     }
     let Ok(permit) = inner.relay.transit.clone().try_acquire_owned() else {
         inner.relay.refused_budget.fetch_add(1, Ordering::Relaxed);
@@ -508,5 +547,39 @@ async fn extend(
                 .fetch_add(1, Ordering::Relaxed);
             Err(Reason::Unreachable)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transit_share_is_measured_against_own_traffic() {
+        let r = RelayState::new(4);
+        assert!(!r.over_bandwidth_share(0, 0.5));
+        // Only transit, no own traffic: transit may use everything.
+        r.transit_bytes.store(10_000, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(1050));
+        assert!(!r.over_bandwidth_share(0, 0.5));
+        // Own 1000 bytes, transit 3000 in the next window: 75 % > 50 %.
+        r.transit_bytes.store(13_000, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(1050));
+        assert!(r.over_bandwidth_share(1_000, 0.5));
+        assert!(
+            !r.over_bandwidth_share(1_000, 0.8),
+            "the same share is within an 80 % budget"
+        );
+    }
+
+    #[test]
+    fn transit_budget_counts_permits() {
+        let r = RelayState::new(2);
+        let a = r.transit.clone().try_acquire_owned().unwrap();
+        let _b = r.transit.clone().try_acquire_owned().unwrap();
+        assert_eq!(r.transit_active(), 2);
+        assert!(r.transit.clone().try_acquire_owned().is_err());
+        drop(a);
+        assert_eq!(r.transit_active(), 1);
     }
 }
