@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A local multi-node VX6 demo on loopback: three nodes in temporary homes,
-# an HTTP service published by alice, reached by bob directly by address and
-# by name. Everything is cleaned up on exit.
+# A local multi-node VX6 demo on loopback: five nodes in temporary homes,
+# an HTTP service published by alice, reached directly by address (TCP and
+# QUIC), by name, and through a 3-relay onion circuit. Everything is cleaned up on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +33,7 @@ python3 -m http.server "$http_port" --bind 127.0.0.1 --directory "$work/site" >/
 pids+=($!)
 
 ports=()
-for n in alice bob carol; do
+for n in alice bob carol dave erin; do
   p=$(free_port); ports+=("$p")
   peer_args=()
   [ "$n" != alice ] && peer_args=(--peer "[::1]:${ports[0]}")
@@ -63,6 +63,12 @@ wait_for "$VX6" --home "$work/carol" resolve alice.web
 l3=$(free_port)
 "$VX6" --home "$work/carol" connect alice.web --listen "127.0.0.1:$l3" --detach
 echo "   GET http://127.0.0.1:$l3/ → $(fetch "http://127.0.0.1:$l3/")"
+
+echo "== relay mode: carol → alice.web through 3 relays (bob, dave, erin in some order)"
+l5=$(free_port)
+"$VX6" --home "$work/carol" connect alice.web --via relay --listen "127.0.0.1:$l5" --detach
+echo "   GET http://127.0.0.1:$l5/ → $(fetch "http://127.0.0.1:$l5/")"
+"$VX6" --home "$work/carol" status --json | python3 -c 'import json,sys; c=json.load(sys.stdin)["circuits"]["own"]; print("   circuits built:", c["built"], " setup ms:", c["last_setup_ms"])'
 
 echo "== a wrong node id is refused"
 l4=$(free_port)
