@@ -232,11 +232,22 @@ impl Out {
     /// One-line description for assertion messages.
     pub fn describe(&self) -> String {
         format!(
-            "exit {:?}, stdout {:?}, stderr {:?}",
-            self.status.code(),
+            "{}, stdout {:?}, stderr {:?}",
+            exit_text(&self.status),
             self.stdout.trim(),
             self.stderr.trim()
         )
+    }
+}
+
+/// "exit N" or "killed by signal N" (a signal nobody in the test sent
+/// means something outside the lab killed the process).
+pub fn exit_text(st: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => format!("{st}"),
     }
 }
 
@@ -513,7 +524,8 @@ impl Lab {
         loop {
             if let Some(st) = self.daemon_exit(i) {
                 panic!(
-                    "host {i}: vx6 node exited at start with {st}; log:\n{}",
+                    "host {i}: vx6 node exited at start ({}); log:\n{}",
+                    exit_text(&st),
                     tail(&log_path, 30)
                 );
             }
@@ -752,8 +764,13 @@ impl Drop for Lab {
             let mut idx: Vec<usize> = (1..=self.hosts.len()).collect();
             idx.retain(|i| self.log_path(*i).exists());
             for i in idx {
+                let state = match self.daemon_exit(i) {
+                    Some(st) => format!("daemon exited unexpectedly: {}", exit_text(&st)),
+                    None if self.daemon_pid(i).is_some() => "daemon running".to_string(),
+                    None => "no daemon".to_string(),
+                };
                 eprintln!(
-                    "\n---- netlab {}: host {i} ({}) node log, last lines ----\n{}",
+                    "\n---- netlab {}: host {i} ({}), {state}; node log, last lines ----\n{}",
                     self.name,
                     self.host(i).addr,
                     tail(&self.log_path(i), 40)
