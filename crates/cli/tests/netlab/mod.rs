@@ -38,7 +38,9 @@
 //! server threads, SIGKILLs every process it started (by pid), then every
 //! process still inside its namespaces (`ip netns pids`), and deletes the
 //! namespaces. When the test is failing it first prints the tail of every
-//! daemon log. `VX6_NETLAB_KEEP=1` keeps the homes and logs on disk.
+//! daemon log. `VX6_NETLAB_KEEP=1` keeps the homes and logs on disk. A test
+//! process killed outright cannot clean up; the next run deletes its
+//! namespaces once they are empty (`ip netns list | grep vx6t` shows them).
 //!
 //! # Skipping
 //!
@@ -292,13 +294,16 @@ impl Lab {
         let ctr = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("vx6t{pid}x{ctr}");
         let hub = format!("{prefix}h");
-        if let Err(e) = ip(&["netns", "add", &hub]) {
-            return skip(e);
-        }
         let dir = tempfile::Builder::new()
             .prefix(&format!("vx6-netlab-{name}-"))
             .tempdir()
             .expect("temp dir");
+        if ctr == 0 {
+            remove_stale_namespaces();
+        }
+        if let Err(e) = ip(&["netns", "add", &hub]) {
+            return skip(e);
+        }
         let mut lab = Lab {
             name: name.to_string(),
             prefix: prefix.clone(),
@@ -803,6 +808,38 @@ impl Drop for Lab {
             && let Some(d) = self.dir.take()
         {
             eprintln!("netlab {}: kept {}", self.name, d.keep().display());
+        }
+    }
+}
+
+/// Deletes lab namespaces left behind by a test process that no longer
+/// exists (one killed before its teardown ran) and that hold no process.
+/// Namespaces of live test processes, and any with processes inside, are
+/// left alone.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(ns) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = ns
+            .strip_prefix("vx6t")
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let empty = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout.trim_ascii().is_empty());
+        if empty && ip(&["netns", "del", ns]).is_ok() {
+            eprintln!("netlab: removed stale namespace {ns}");
         }
     }
 }
