@@ -104,6 +104,9 @@ pub struct NetConfig {
     /// Inbound handshakes in flight (plus completed ones waiting for
     /// [`Transports::accept`]) beyond which new connections are dropped.
     pub max_pending_handshakes: usize,
+    /// Inbound handshakes one source (an IPv6 /64 or an IPv4 address) may
+    /// have in flight, so one host cannot take all the slots.
+    pub max_pending_per_source: usize,
 }
 
 impl Default for NetConfig {
@@ -112,6 +115,7 @@ impl Default for NetConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_pending_handshakes: 256,
+            max_pending_per_source: 16,
         }
     }
 }
@@ -169,6 +173,8 @@ struct Shared {
     counters: Counters,
     /// One permit per inbound handshake in flight or completed-but-queued.
     pending: Arc<Semaphore>,
+    /// Handshakes in flight per source (see [`NetConfig::max_pending_per_source`]).
+    per_source: Mutex<std::collections::HashMap<IpAddr, usize>>,
     inbound: mpsc::Sender<Conn>,
     closed: watch::Receiver<bool>,
 }
@@ -177,6 +183,68 @@ impl Shared {
     fn is_closed(&self) -> bool {
         *self.closed.borrow()
     }
+
+    /// Takes a handshake slot for `remote`: one of the node-wide slots and
+    /// one of its source's. `None` when either is exhausted.
+    fn admit(self: &Arc<Self>, remote: SocketAddr) -> Option<Admission> {
+        let source = source_of(remote.ip());
+        {
+            let mut m = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(source).or_insert(0);
+            if *n >= self.cfg.max_pending_per_source.max(1) {
+                return None;
+            }
+            *n += 1;
+        }
+        let guard = SourceGuard {
+            shared: self.clone(),
+            source,
+        };
+        let permit = self.pending.clone().try_acquire_owned().ok()?;
+        Some(Admission {
+            _permit: permit,
+            _source: guard,
+        })
+    }
+}
+
+/// The unit per-source limits count by: an IPv6 /64 (one host or LAN), an
+/// IPv4 address; v4-mapped addresses count as IPv4.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+struct SourceGuard {
+    shared: Arc<Shared>,
+    source: IpAddr,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut m = self
+            .shared
+            .per_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// A node-wide and a per-source handshake slot, released together.
+struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _source: SourceGuard,
 }
 
 /// Resolves once the transports are closed (or dropped).
@@ -302,6 +370,7 @@ impl Transports {
             tls,
             quic_client,
             pending: Arc::new(Semaphore::new(cfg.max_pending_handshakes)),
+            per_source: Mutex::new(std::collections::HashMap::new()),
             cfg,
             counters: Counters::default(),
             inbound: inbound_tx,
@@ -675,7 +744,7 @@ async fn run_tcp_listener(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let Ok(permit) = shared.pending.clone().try_acquire_owned() else {
+        let Some(permit) = shared.admit(remote) else {
             Counters::bump(&shared.counters.dropped);
             continue; // dropping `tcp` closes it
         };
@@ -694,7 +763,7 @@ async fn run_tcp_listener(listener: TcpListener, shared: Arc<Shared>) {
 /// plus finished ones nobody accepted yet stay within the limit.
 async fn run_inbound_handshake(
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    permit: Admission,
     kind: TransportKind,
     handshake: impl Future<Output = Result<Conn>>,
 ) {
@@ -838,7 +907,7 @@ async fn run_quic_listener(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 None => return, // endpoint closed
             },
         };
-        let Ok(permit) = shared.pending.clone().try_acquire_owned() else {
+        let Some(permit) = shared.admit(incoming.remote_address()) else {
             Counters::bump(&shared.counters.dropped);
             incoming.refuse();
             continue;

@@ -43,10 +43,16 @@ struct Entry {
     local_done: bool,
     remote_done: bool,
     tasks: Vec<tokio::task::AbortHandle>,
+    /// Tells the writer to reset the socket: a stream that did not end
+    /// cleanly must look like an abort to the local application, not EOF.
+    abort: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
+        if let Some(a) = self.abort.take() {
+            let _ = a.send(());
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -124,13 +130,25 @@ impl StreamMux {
             }
         });
         let ev = self.events.clone();
-        let writer = tokio::spawn(async move {
-            while let Some(data) = from_circ.recv().await {
-                if wr.write_all(&data).await.is_err() {
-                    let _ = ev.send(MuxEvent::Failed(id));
-                    return;
+        let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // An abort wins over the queue closing at the same time.
+                    biased;
+                    Ok(()) = &mut abort_rx => {
+                        let _ = wr.as_ref().set_zero_linger();
+                        return;
+                    }
+                    data = from_circ.recv() => {
+                        let Some(data) = data else { break };
+                        if wr.write_all(&data).await.is_err() {
+                            let _ = ev.send(MuxEvent::Failed(id));
+                            return;
+                        }
+                        let _ = ev.send(MuxEvent::Delivered(id));
+                    }
                 }
-                let _ = ev.send(MuxEvent::Delivered(id));
             }
             // The peer ended the stream: half-close our side.
             let _ = wr.shutdown().await;
@@ -144,7 +162,10 @@ impl StreamMux {
                 recv: RecvWindow::stream(),
                 local_done: false,
                 remote_done: false,
-                tasks: vec![reader.abort_handle(), writer.abort_handle()],
+                // The writer is not aborted: on an abort it resets the socket
+                // and ends by itself.
+                tasks: vec![reader.abort_handle()],
+                abort: Some(abort_tx),
             },
         );
     }
@@ -161,6 +182,7 @@ impl StreamMux {
         if let Some(mut e) = self.streams.remove(&id) {
             if e.local_done && e.remote_done {
                 e.tasks.clear();
+                e.abort = None;
             } else {
                 self.streams.insert(id, e);
             }

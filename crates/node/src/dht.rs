@@ -37,6 +37,8 @@ const PERSIST_EVERY: u64 = 30;
 
 pub struct DhtState {
     core: Mutex<DhtCore>,
+    /// The store changed since it was last written to the database.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl DhtState {
@@ -57,6 +59,7 @@ impl DhtState {
         tracing::debug!(?report, "restored DHT store");
         Ok(Self {
             core: Mutex::new(core),
+            dirty: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -84,10 +87,16 @@ pub(crate) fn handle_request(
     chan: &vx6_net::channel::Channel,
     body: &[u8],
 ) -> Result<Vec<u8>> {
-    Ok(node
-        .inner()
-        .dht
-        .with(|c| c.handle_request_bytes(chan.peer(), chan.remote().ip(), body, now())))
+    let dht = &node.inner().dht;
+    let (answer, stored) = dht.with(|c| {
+        let before = c.store().stats().clone();
+        let a = c.handle_request_bytes(chan.peer(), chan.remote().ip(), body, now());
+        (a, *c.store().stats() != before)
+    });
+    if stored {
+        dht.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(answer)
 }
 
 /// Sends one DHT request to `to`, dialing it with its expected id.
@@ -256,6 +265,10 @@ pub(crate) async fn publish_own(node: &Node) {
     for (family, value) in items {
         match inner.dht.with(|c| c.publish(family, value.clone(), now())) {
             Ok(key) => {
+                inner
+                    .dht
+                    .dirty
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let n = replicate(node, key, family, value).await;
                 tracing::debug!(?family, replicas = n, "published");
             }
@@ -296,6 +309,10 @@ pub(crate) async fn publish_services(node: &Node) {
             .dht
             .with(|c| c.publish(RecordFamily::ServiceRecord, value.clone(), t))
         {
+            inner
+                .dht
+                .dirty
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             replicate(node, key, RecordFamily::ServiceRecord, value).await;
         }
     }
@@ -316,6 +333,21 @@ pub(crate) async fn service_published(node: &Node, owner: &NodeId, service: &Ser
 
 /// Maintenance: republish, replicate, refresh buckets, expire, persist.
 pub(crate) fn spawn_background(node: &Node) {
+    // Held values reach the database within a second of changing, so a
+    // holder killed with -9 still serves what it had accepted.
+    let n = node.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if n.inner()
+                .dht
+                .dirty
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                persist(&n);
+            }
+        }
+    });
     let node = node.clone();
     tokio::spawn(async move {
         let mut last_persist = 0u64;

@@ -54,6 +54,8 @@ pub async fn pump(
                     n += k as u64;
                     meter.fetch_add(k as u64, Ordering::Relaxed);
                     if send.send(buf.split().freeze()).await.is_err() {
+                        // Abort the local side with a reset, not a clean EOF.
+                        let _ = rd.as_ref().set_zero_linger();
                         return (n, true, send);
                     }
                 }
@@ -75,6 +77,7 @@ pub async fn pump(
                 Ok(Some(mut b)) => {
                     if need_status {
                         if b.first() != Some(&SERVICE_ACCEPTED) {
+                            let _ = wr.as_ref().set_zero_linger();
                             return (n, true);
                         }
                         need_status = false;
@@ -90,12 +93,20 @@ pub async fn pump(
                     }
                 }
                 // An end of stream before the owner's accept byte is a refusal.
-                Ok(None) if need_status => return (n, true),
+                Ok(None) if need_status => {
+                    let _ = wr.as_ref().set_zero_linger();
+                    return (n, true);
+                }
                 Ok(None) => {
                     let _ = wr.shutdown().await;
                     return (n, false);
                 }
-                Err(_) => return (n, true),
+                Err(_) => {
+                    // The stream was reset or the channel died: the local
+                    // client must see an abort (RST), never a clean end.
+                    let _ = wr.as_ref().set_zero_linger();
+                    return (n, true);
+                }
             }
         }
     };

@@ -604,7 +604,29 @@ impl Node {
             .connect(owner, &endpoints)
             .await
             .map_err(|e| dial_error(&endpoints, e))?;
-        let catalog = self.fetch_catalog(&chan).await?;
+        let catalog = match self.fetch_catalog(&chan).await {
+            Ok(c) => c,
+            // A pooled channel can be dead without knowing it yet (the owner
+            // vanished): drop it and ask once more over a fresh dial.
+            Err(NodeError::Net(NetError::Closed | NetError::Timeout(_) | NetError::Reset(_))) => {
+                chan.close();
+                let fresh = self
+                    .connect_owner(owner, &endpoints)
+                    .await
+                    .map_err(|e| match e {
+                        NodeError::Net(n) => dial_error(&endpoints, n),
+                        other => other,
+                    })?;
+                self.fetch_catalog(&fresh).await.map_err(|e| {
+                    NodeError::Unreachable(format!(
+                        "cannot reach node {} at {}: {e}",
+                        owner.short(),
+                        describe_endpoints(&endpoints)
+                    ))
+                })?
+            }
+            Err(e) => return Err(e),
+        };
         if !catalog.iter().any(|s| s.service == service) {
             return Err(NodeError::Refused(format!(
                 "node {} does not offer service '{service}' to this node",
@@ -938,13 +960,17 @@ impl Node {
     }
 }
 
-/// Turns a dial failure into the sentence a user should see.
-fn dial_error(endpoints: &[Endpoint], e: NetError) -> NodeError {
-    let at = endpoints
+fn describe_endpoints(endpoints: &[Endpoint]) -> String {
+    endpoints
         .iter()
         .map(|e| format!("{}/{}", e.transport, e.addr))
         .collect::<Vec<_>>()
-        .join(", ");
+        .join(", ")
+}
+
+/// Turns a dial failure into the sentence a user should see.
+fn dial_error(endpoints: &[Endpoint], e: NetError) -> NodeError {
+    let at = describe_endpoints(endpoints);
     match e {
         NetError::WrongNode { expected, got } => NodeError::Refused(format!(
             "the node at {at} is {got}, not the expected {expected}"
