@@ -549,6 +549,11 @@ async fn connect(home: &Home, a: ConnectArgs) -> Result<()> {
         s(&v["node"]),
         s(&v["via"])
     );
+    if let Some(path) = v["path"].as_array() {
+        // Relay mode: the hops of the circuit, the owner last (short ids).
+        let hops: Vec<String> = path.iter().map(s).collect();
+        out!("path: {}", hops.join(" → "));
+    }
     if a.detach {
         out!("detached: forward id {}", s(&v["id"]));
         return Ok(());
