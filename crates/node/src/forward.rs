@@ -30,7 +30,7 @@ pub struct PumpResult {
 /// With `expect_status` (the client side), the stream must begin with the
 /// owner's accept byte; anything else aborts before a byte reaches `tcp`.
 pub async fn pump(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     mut send: SendHalf,
     mut recv: RecvHalf,
     initial: bytes::Bytes,
@@ -40,7 +40,9 @@ pub async fn pump(
     use std::sync::atomic::Ordering;
     let meter2 = meter.clone();
     let _ = tcp.set_nodelay(true);
-    let (mut rd, mut wr) = tcp.into_split();
+    // Borrowed halves: unlike owned ones they do not send a FIN when dropped,
+    // so an aborted connection can end with a reset (below).
+    let (mut rd, mut wr) = tcp.split();
     let up = async move {
         let mut n = 0u64;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -54,8 +56,6 @@ pub async fn pump(
                     n += k as u64;
                     meter.fetch_add(k as u64, Ordering::Relaxed);
                     if send.send(buf.split().freeze()).await.is_err() {
-                        // Abort the local side with a reset, not a clean EOF.
-                        let _ = rd.as_ref().set_zero_linger();
                         return (n, true, send);
                     }
                 }
@@ -77,7 +77,6 @@ pub async fn pump(
                 Ok(Some(mut b)) => {
                     if need_status {
                         if b.first() != Some(&SERVICE_ACCEPTED) {
-                            let _ = wr.as_ref().set_zero_linger();
                             return (n, true);
                         }
                         need_status = false;
@@ -94,7 +93,6 @@ pub async fn pump(
                 }
                 // An end of stream before the owner's accept byte is a refusal.
                 Ok(None) if need_status => {
-                    let _ = wr.as_ref().set_zero_linger();
                     return (n, true);
                 }
                 Ok(None) => {
@@ -102,14 +100,24 @@ pub async fn pump(
                     return (n, false);
                 }
                 Err(_) => {
-                    // The stream was reset or the channel died: the local
-                    // client must see an abort (RST), never a clean end.
-                    let _ = wr.as_ref().set_zero_linger();
                     return (n, true);
                 }
             }
         }
     };
+    let res = join_directions(up, down).await;
+    if res.aborted {
+        // The local application must see an abort (connection reset), never
+        // a clean end that looks like a complete transfer.
+        let _ = tcp.set_zero_linger();
+    }
+    res
+}
+
+async fn join_directions(
+    up: impl std::future::Future<Output = (u64, bool, SendHalf)>,
+    down: impl std::future::Future<Output = (u64, bool)>,
+) -> PumpResult {
     tokio::pin!(up);
     tokio::pin!(down);
     // Either direction failing ends the whole connection; a clean finish of

@@ -42,6 +42,12 @@ const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime of service records handed out in catalogs.
 const SERVICE_RECORD_LIFETIME: u64 = 3600;
+/// How long `vx6 connect` waits for the owner's catalog: a live owner
+/// answers in a round trip; a silent one must fail the command quickly.
+const CATALOG_TIMEOUT: Duration = Duration::from_secs(4);
+/// Handshake budget for dials: generous for slow links, short enough that
+/// an unreachable owner fails a command in seconds.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The current time as protocol time.
 pub fn now() -> UnixTime {
@@ -237,7 +243,10 @@ impl Node {
             &key,
             &config.listen,
             &config.transports,
-            NetConfig::default(),
+            NetConfig {
+                handshake_timeout: HANDSHAKE_TIMEOUT,
+                ..NetConfig::default()
+            },
         )
         .await
         .map_err(|e| match e {
@@ -525,7 +534,7 @@ impl Node {
                 Bytes::from(Purpose::Catalog.encode()),
                 Bytes::new(),
                 nodemsg::MAX_RPC_LEN,
-                RPC_TIMEOUT,
+                CATALOG_TIMEOUT,
             )
             .await?;
         let list = RecordList::decode(&raw, nodemsg::MAX_CATALOG)?;
@@ -611,12 +620,11 @@ impl Node {
             Err(NodeError::Net(NetError::Closed | NetError::Timeout(_) | NetError::Reset(_))) => {
                 chan.close();
                 let fresh = self
-                    .connect_owner(owner, &endpoints)
+                    .inner
+                    .pool
+                    .connect(owner, &endpoints)
                     .await
-                    .map_err(|e| match e {
-                        NodeError::Net(n) => dial_error(&endpoints, n),
-                        other => other,
-                    })?;
+                    .map_err(|e| dial_error(&endpoints, e))?;
                 self.fetch_catalog(&fresh).await.map_err(|e| {
                     NodeError::Unreachable(format!(
                         "cannot reach node {} at {}: {e}",
