@@ -997,7 +997,9 @@ fn no_connection_to_undeclared_targets() {
 /// recorders at 127.0.0.1:8082 on every relay), and pushes it to the client
 /// and the relays. The client then builds 4-hop circuits, so the fake relay
 /// is on every path and, mostly, a real relay is asked to extend to it.
-/// No relay or owner may open a connection to those ports.
+/// No relay or owner may open a connection to those ports (the client's
+/// own dials of its first hop are logged, not judged). Every build fails,
+/// so afterwards no relay may still hold transit budget for them.
 #[test]
 fn forged_relay_record_cannot_aim_relays_at_other_ports() {
     use vx6_proto::record::{Capabilities, Endpoint, NodeRecord, RecordBody, TransportKind};
