@@ -68,7 +68,17 @@ const NODE_ORDER: TableDefinition<u64, Id> = TableDefinition::new("node_order");
 /// peer address (canonical text) → (proven node id, last success, consecutive failures)
 const PEERS: TableDefinition<&str, (Option<Id>, u64, u32)> = TableDefinition::new("peers");
 /// (dht key, record family) → value bytes
-const DHT: TableDefinition<(Id, u8), &[u8]> = TableDefinition::new("dht_values");
+/// (DHT key, family, value tag) → value. Several values can share a key
+/// (one per signer of a name claim), so the value's own hash tells them apart.
+const DHT: TableDefinition<(Id, u8, u64), &[u8]> = TableDefinition::new("dht_values_v2");
+
+/// FNV-1a over a value: distinguishes the values of one key in the table.
+/// A collision only merges two entries until the next full snapshot.
+fn value_tag(v: &[u8]) -> u64 {
+    v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
 /// relay node id → (successes, failures, rtt ms, last update)
 const HEALTH: TableDefinition<Id, (u32, u32, u32, u64)> = TableDefinition::new("relay_health");
 /// small named counters: `schema`, `node_order`, `seq:<name>`
@@ -452,8 +462,35 @@ impl Db {
             let mut t = tx.open_table(DHT)?;
             t.retain(|_, _| false)?;
             for (key, family, value) in items {
-                t.insert((*key, *family), value.as_slice())?;
+                t.insert((*key, *family, value_tag(value)), value.as_slice())?;
             }
+            Ok(())
+        })
+    }
+
+    /// Adds one value to the persisted DHT store at once (a holder answers
+    /// "accepted" only after this), within the same bounds as a snapshot.
+    /// Superseded values stay until the next [`Db::replace_dht_values`];
+    /// restoring re-verifies and keeps the newest per signer.
+    pub fn put_dht_value(
+        &self,
+        key: &[u8; 32],
+        family: u8,
+        value: &[u8],
+    ) -> Result<(), StateError> {
+        if value.len() > MAX_DHT_VALUE_LEN {
+            return Err(StateError::TooLarge {
+                what: "DHT value",
+                len: value.len(),
+                max: MAX_DHT_VALUE_LEN,
+            });
+        }
+        self.write(|tx| {
+            let mut t = tx.open_table(DHT)?;
+            if t.len()? >= MAX_DHT_VALUES as u64 {
+                return Ok(());
+            }
+            t.insert((*key, family, value_tag(value)), value)?;
             Ok(())
         })
     }
@@ -465,7 +502,7 @@ impl Db {
             let mut out = Vec::with_capacity(t.len()? as usize);
             for entry in t.iter()? {
                 let (k, v) = entry?;
-                let (key, family) = k.value();
+                let (key, family, _) = k.value();
                 out.push((key, family, v.value().to_vec()));
             }
             Ok(out)
@@ -818,9 +855,20 @@ mod tests {
                 ([2; 32], 1, b"b".to_vec())
             ]
         );
+        // Several values under one key (signers of one name) are all kept.
         db.replace_dht_values(&[([3; 32], 0, b"d".to_vec()), ([3; 32], 0, b"e".to_vec())])
             .unwrap();
-        assert_eq!(db.dht_values().unwrap(), vec![([3; 32], 0, b"e".to_vec())]);
+        let mut got = db.dht_values().unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![([3; 32], 0, b"d".to_vec()), ([3; 32], 0, b"e".to_vec())]
+        );
+        // A single value added between snapshots is kept too.
+        db.put_dht_value(&[3; 32], 0, b"f").unwrap();
+        assert_eq!(db.dht_values().unwrap().len(), 3);
+        db.replace_dht_values(&[([3; 32], 0, b"e".to_vec())])
+            .unwrap();
         let big = vec![([4; 32], 0, vec![0u8; MAX_DHT_VALUE_LEN + 1])];
         assert!(matches!(
             db.replace_dht_values(&big),

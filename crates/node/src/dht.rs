@@ -31,7 +31,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest DHT response accepted.
 const MAX_RESPONSE: usize = vx6_proto::dhtmsg::MAX_DHT_MESSAGE_LEN;
 /// How often the maintenance loop runs.
-const TICK: Duration = Duration::from_secs(5);
+const TICK: Duration = Duration::from_secs(1);
 /// How often the record store is written to the database.
 const PERSIST_EVERY: u64 = 30;
 
@@ -89,11 +89,19 @@ pub(crate) fn handle_request(
 ) -> Result<Vec<u8>> {
     let dht = &node.inner().dht;
     let (answer, stored) = dht.with(|c| {
-        let before = c.store().stats().clone();
+        let before = (c.store().stats().stored, c.store().stats().replaced);
         let a = c.handle_request_bytes(chan.peer(), chan.remote().ip(), body, now());
-        (a, *c.store().stats() != before)
+        let after = (c.store().stats().stored, c.store().stats().replaced);
+        (a, after != before)
     });
     if stored {
+        // Durable before the STORE is answered: a holder killed right after
+        // saying "accepted" still serves the value when it comes back.
+        if let Ok(Request::Store { key, family, value }) = Request::decode(body)
+            && let Err(e) = node.inner().db.put_dht_value(&key.0, family.code(), &value)
+        {
+            tracing::warn!(error = %e, "cannot persist a stored DHT value");
+        }
         dht.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(answer)
