@@ -438,6 +438,11 @@ impl Channel {
     pub fn transport(&self) -> TransportKind {
         self.shared.transport
     }
+    /// True when this end dialed the connection (so the peer was reached at
+    /// `remote`, an address it listens on).
+    pub fn is_dialer(&self) -> bool {
+        self.shared.role == Role::Dialer
+    }
     pub fn stats(&self) -> &ChannelStats {
         &self.shared.stats
     }

@@ -31,7 +31,7 @@ use crate::error::{NodeError, Result};
 use crate::node::{Node, now};
 
 /// One hop's budget for CREATED / EXTENDED.
-const HOP_TIMEOUT: Duration = Duration::from_secs(10);
+const HOP_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default circuit length (relays before the owner).
 pub const DEFAULT_HOPS: usize = 3;
 
@@ -165,16 +165,58 @@ impl ClientCirc {
     }
 }
 
-async fn recv_cell(rx: &mut CircuitRx) -> Result<Bytes> {
+/// Why a hop's answer did not come.
+enum HopFailure {
+    /// Nothing within the hop budget: the hop being reached is the suspect.
+    Timeout,
+    /// The first link closed, or a relay refused.
+    Other(NodeError),
+}
+
+impl From<HopFailure> for NodeError {
+    fn from(f: HopFailure) -> Self {
+        match f {
+            HopFailure::Timeout => NodeError::Unreachable("a relay did not answer in time".into()),
+            HopFailure::Other(e) => e,
+        }
+    }
+}
+
+async fn recv_cell(rx: &mut CircuitRx) -> std::result::Result<Bytes, HopFailure> {
     match tokio::time::timeout(HOP_TIMEOUT, rx.recv()).await {
         Ok(Some(c)) if c.cmd == Cmd::Relay || c.cmd == Cmd::Created => Ok(c.payload),
-        Ok(Some(_)) => Err(NodeError::Unreachable("a relay refused the circuit".into())),
-        Ok(None) => Err(NodeError::Unreachable(
+        Ok(Some(_)) => Err(HopFailure::Other(NodeError::Unreachable(
+            "a relay refused the circuit".into(),
+        ))),
+        Ok(None) => Err(HopFailure::Other(NodeError::Unreachable(
             "the first relay closed the link".into(),
-        )),
-        Err(_) => Err(NodeError::Unreachable(
-            "a relay did not answer in time".into(),
-        )),
+        ))),
+        Err(_) => Err(HopFailure::Timeout),
+    }
+}
+
+/// Tears a half-built circuit down at the relays when building fails, so
+/// they do not hold budget for it.
+struct DestroyOnDrop {
+    chan: Channel,
+    circ: CircId,
+    armed: bool,
+}
+
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let (c, id) = (self.chan.clone(), self.circ);
+            tokio::spawn(async move {
+                let _ = c
+                    .send_cell(
+                        id,
+                        Cmd::Destroy,
+                        Bytes::copy_from_slice(&[Reason::Done.code()]),
+                    )
+                    .await;
+            });
+        }
     }
 }
 
@@ -294,12 +336,19 @@ async fn build_path(
         .await
         .map_err(|e| (NodeError::from(e), Some(first)))?;
     let (circ, mut rx) = chan.new_circuit().map_err(|e| (e.into(), Some(first)))?;
+    let mut guard = DestroyOnDrop {
+        chan: chan.clone(),
+        circ,
+        armed: true,
+    };
     let mut rng = fill_random;
     let (pending, create) = ClientCircuit::begin_create(first, &first_rec.body.onion_key, &mut rng);
     chan.send_cell(circ, Cmd::Create, Bytes::copy_from_slice(&create.encode()))
         .await
         .map_err(|e| (e.into(), Some(first)))?;
-    let created = recv_cell(&mut rx).await.map_err(|e| (e, Some(first)))?;
+    let created = recv_cell(&mut rx)
+        .await
+        .map_err(|e| (e.into(), Some(first)))?;
     let created = vx6_circuit::Created::decode(&created)
         .map_err(|_| (NodeError::Refused("bad CREATED".into()), Some(first)))?;
     let mut cc = pending.complete(&created).map_err(|_| {
@@ -326,7 +375,13 @@ async fn build_path(
         chan.send_cell(circ, Cmd::Relay, Bytes::from(body.into_vec()))
             .await
             .map_err(|e| (e.into(), Some(first)))?;
-        let reply = recv_cell(&mut rx).await.map_err(|e| (e, Some(blame)))?;
+        // A hop that does not answer in time is most likely the one being
+        // reached (the relays before it answered a moment ago).
+        let suspect = if *id == target.body.node { blame } else { *id };
+        let reply = recv_cell(&mut rx).await.map_err(|e| match e {
+            HopFailure::Timeout => (HopFailure::Timeout.into(), Some(suspect)),
+            other => (other.into(), Some(blame)),
+        })?;
         let body = CellBody::from_slice(&reply)
             .map_err(|_| (NodeError::Refused("bad cell".into()), Some(blame)))?;
         match cc.open(body) {
@@ -348,6 +403,7 @@ async fn build_path(
             }
         }
     }
+    guard.armed = false;
     Ok((chan, circ, rx, cc))
 }
 

@@ -132,13 +132,19 @@ impl StreamMux {
         let ev = self.events.clone();
         let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
+            // Polled at most until it resolves: a dropped sender (clean end)
+            // disables the branch for good.
+            let mut abort_live = true;
             loop {
                 tokio::select! {
                     // An abort wins over the queue closing at the same time.
                     biased;
-                    Ok(()) = &mut abort_rx => {
-                        let _ = wr.as_ref().set_zero_linger();
-                        return;
+                    r = &mut abort_rx, if abort_live => {
+                        abort_live = false;
+                        if r.is_ok() {
+                            let _ = wr.as_ref().set_zero_linger();
+                            return;
+                        }
                     }
                     data = from_circ.recv() => {
                         let Some(data) = data else { break };

@@ -115,8 +115,9 @@ async fn query(
     req: &Request,
 ) -> Option<Response> {
     let body = req.encode().ok()?;
+    let endpoints = crate::discovery::usable_endpoints(node, endpoints, None);
     let fut = async {
-        let chan = node.pool().connect(to, endpoints).await.ok()?;
+        let chan = node.pool().connect(to, &endpoints).await.ok()?;
         let r = chan
             .request(
                 Bytes::from(Purpose::Dht.encode()),

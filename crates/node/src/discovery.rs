@@ -86,6 +86,34 @@ pub fn advertisable(ip: &IpAddr) -> bool {
     }
 }
 
+/// Whether this node may dial `ep` taken from a peer's signed record: never
+/// an address of its own, never loopback unless this node itself lives only
+/// on loopback (a single-machine network), never unspecified or multicast.
+/// A record is signed by its subject, who can claim any address; this keeps
+/// a forged record from aiming us at our own localhost services.
+pub(crate) fn dialable(node: &Node, ep: &Endpoint) -> bool {
+    let own = node.local_endpoints();
+    let ip = ep.addr.ip();
+    if ip.is_unspecified() || ip.is_multicast() || own.iter().any(|o| o.addr == ep.addr) {
+        return false;
+    }
+    if ip.is_loopback() {
+        return own.iter().all(|o| o.addr.ip().is_loopback());
+    }
+    true
+}
+
+/// The endpoints of a peer's record this node may dial, in dial order.
+pub(crate) fn usable_endpoints(
+    node: &Node,
+    eps: &[Endpoint],
+    prefer: Option<TransportKind>,
+) -> Vec<Endpoint> {
+    let mut v: Vec<Endpoint> = eps.iter().copied().filter(|e| dialable(node, e)).collect();
+    sort_endpoints(&mut v, prefer);
+    v
+}
+
 /// IPv6 first, then the preferred transport, then the rest in a stable order.
 pub fn sort_endpoints(eps: &mut [Endpoint], prefer: Option<TransportKind>) {
     eps.sort_by_key(|e| (!e.addr.is_ipv6(), Some(e.transport) != prefer, *e));
@@ -652,8 +680,7 @@ pub async fn resolve_service(
             },
         }
     };
-    let mut endpoints = rec.body.endpoints.clone();
-    sort_endpoints(&mut endpoints, prefer);
+    let mut endpoints = usable_endpoints(node, &rec.body.endpoints, prefer);
     if let Some(t) = prefer
         && endpoints.iter().any(|e| e.transport == t)
     {

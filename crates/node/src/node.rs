@@ -123,6 +123,9 @@ pub(crate) struct Inner {
     pub(crate) dht: crate::dht::DhtState,
     pub(crate) relay: crate::relay::RelayState,
     pub(crate) anon: crate::circuits::AnonLinks,
+    /// (node, address) pairs this node has dialed and reached with that
+    /// node's key: the only addresses it opens connections to for others.
+    verified: Mutex<std::collections::HashSet<(NodeId, SocketAddr)>>,
     /// Bytes of this node's own forwarded traffic (for the transit share).
     pub(crate) own_bytes: Arc<AtomicU64>,
     _lock: DaemonLock,
@@ -146,6 +149,18 @@ impl Inner {
     }
     pub(crate) fn set_own_records(&self, rec: Signed<NodeRecord>, claim: Signed<NameClaim>) {
         *self.own.write().unwrap_or_else(|p| p.into_inner()) = Some((rec, claim));
+    }
+    /// Remembers that `node` answered with its key at `addr`.
+    pub(crate) fn mark_verified(&self, node: NodeId, addr: SocketAddr) {
+        let mut v = lock(&self.verified);
+        // Bounded: forgetting only costs a refused extension until the next dial.
+        if v.len() >= 100_000 {
+            v.clear();
+        }
+        v.insert((node, addr));
+    }
+    pub(crate) fn is_verified(&self, node: &NodeId, addr: &SocketAddr) -> bool {
+        lock(&self.verified).contains(&(*node, *addr))
     }
     pub(crate) fn onion_secret(&self) -> &x25519_dalek::StaticSecret {
         &self.onion_secret
@@ -174,6 +189,9 @@ impl StreamHandler for Dispatch {
         let Some(inner) = self.0.upgrade() else {
             return;
         };
+        if chan.is_dialer() {
+            inner.mark_verified(chan.peer(), chan.remote());
+        }
         tokio::spawn(crate::discovery::sync_with(Node { inner }, chan.clone()));
     }
     fn circuit(&self, chan: Channel, circuit: vx6_net::channel::IncomingCircuit) {
@@ -295,6 +313,7 @@ impl Node {
             relay: crate::relay::RelayState::new(relay_budget),
             anon,
             own_bytes: Arc::new(AtomicU64::new(0)),
+            verified: Mutex::new(std::collections::HashSet::new()),
             _lock: lock,
         });
         let node = Node { inner };
@@ -713,7 +732,14 @@ impl Node {
                 owner.short()
             ))
         })?;
-        let prefer = spec.transport.as_deref().and_then(|t| t.parse().ok());
+        // TCP by default: a relay notices a dead TCP neighbour at once, a dead
+        // QUIC one only at its idle timeout.
+        let prefer = Some(
+            spec.transport
+                .as_deref()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(TransportKind::Tcp),
+        );
         let first = crate::circuits::build(self, &target, hops, prefer).await?;
         let path: Vec<String> = first.path.iter().map(|n| n.short()).collect();
         let listener = TcpListener::bind(listen).await.map_err(|e| {
@@ -750,16 +776,26 @@ impl Node {
                     let c = {
                         let mut g = circ.lock().await;
                         if !g.is_alive() {
-                            match crate::circuits::build(&node, &target, hops, prefer).await {
-                                Ok(c) => *g = c,
-                                Err(e) => {
-                                    node.inner
-                                        .counters
-                                        .forward_failures
-                                        .fetch_add(1, Ordering::Relaxed);
-                                    tracing::warn!(error = %e, "cannot rebuild the relay circuit");
-                                    return;
+                            // A few tries: each picks a new path around
+                            // relays that just failed.
+                            let mut last = None;
+                            for _ in 0..3 {
+                                match crate::circuits::build(&node, &target, hops, prefer).await {
+                                    Ok(c) => {
+                                        *g = c;
+                                        last = None;
+                                        break;
+                                    }
+                                    Err(e) => last = Some(e),
                                 }
+                            }
+                            if let Some(e) = last {
+                                node.inner
+                                    .counters
+                                    .forward_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, "cannot rebuild the relay circuit");
+                                return;
                             }
                         }
                         g.clone()

@@ -23,13 +23,12 @@ use vx6_net::channel::{Channel, CircuitRx, IncomingCircuit};
 use vx6_proto::NodeId;
 use vx6_proto::identity::fill_random;
 use vx6_proto::link::{CircId, Cmd};
-use vx6_proto::record::Endpoint;
 
 use crate::cstream::StreamMux;
 use crate::node::Node;
 
 /// How long an EXTEND may take (dial + CREATE/CREATED).
-const EXTEND_TIMEOUT: Duration = Duration::from_secs(10);
+const EXTEND_TIMEOUT: Duration = Duration::from_secs(7);
 /// How long the owner waits for its localhost target.
 const BEGIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Circuits (any kind) one node carries at most: a hard ceiling above the
@@ -51,6 +50,7 @@ pub struct RelayState {
     pub torn_down_protocol: AtomicU64,
     pub transit_bytes: AtomicU64,
     pub refused_bandwidth: AtomicU64,
+    pub refused_unverified: AtomicU64,
     /// (when, own bytes, transit bytes) at the start of the current window.
     window: std::sync::Mutex<(std::time::Instant, u64, u64)>,
     /// Transit share of the last complete window, in thousandths.
@@ -75,6 +75,7 @@ impl RelayState {
             torn_down_protocol: AtomicU64::new(0),
             transit_bytes: AtomicU64::new(0),
             refused_bandwidth: AtomicU64::new(0),
+            refused_unverified: AtomicU64::new(0),
             window: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
             last_share: AtomicU64::new(0),
         }
@@ -122,6 +123,7 @@ impl RelayState {
             "torn_down_protocol": l(&self.torn_down_protocol),
             "transit_bytes": l(&self.transit_bytes),
             "refused_bandwidth": l(&self.refused_bandwidth),
+            "refused_unverified": l(&self.refused_unverified),
             "transit_share_permille": l(&self.last_share),
         })
     }
@@ -440,21 +442,6 @@ async fn for_me(
     }
 }
 
-/// Whether this node may dial `ep` on a client's behalf: never an address
-/// of its own, never loopback unless this node itself only lives on
-/// loopback (a single-machine test network), never unspecified/multicast.
-fn dialable(node: &Node, ep: &Endpoint) -> bool {
-    let own = node.local_endpoints();
-    let ip = ep.addr.ip();
-    if ip.is_unspecified() || ip.is_multicast() || own.iter().any(|o| o.addr == ep.addr) {
-        return false;
-    }
-    if ip.is_loopback() {
-        return own.iter().all(|o| o.addr.ip().is_loopback());
-    }
-    true
-}
-
 /// Extends to `to` for a client. Reasons only, never error text.
 async fn extend(
     node: &Node,
@@ -498,14 +485,27 @@ async fn extend(
             .fetch_add(1, Ordering::Relaxed);
         return Err(Reason::Unreachable);
     };
-    let mut eps: Vec<Endpoint> = rec
-        .body
-        .endpoints
-        .iter()
-        .copied()
-        .filter(|e| dialable(node, e))
-        .collect();
-    crate::discovery::sort_endpoints(&mut eps, Some(prev.transport()));
+    // Opening a connection for a client is allowed only to an endpoint this
+    // node has itself reached that node at before (a signed record can list
+    // anyone's address), unless a live channel to it exists (nothing new is
+    // opened then).
+    let live = node.pool().get(&to).is_some();
+    let mut eps =
+        crate::discovery::usable_endpoints(node, &rec.body.endpoints, Some(prev.transport()));
+    if !live {
+        eps.retain(|e| inner.is_verified(&to, &e.addr));
+        if eps.is_empty() {
+            inner
+                .relay
+                .refused_unverified
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Reason::Unreachable);
+        }
+    }
+    // The circuit keeps the transport it arrived on where the next hop has it.
+    if eps.iter().any(|e| e.transport == prev.transport()) {
+        eps.retain(|e| e.transport == prev.transport());
+    }
     let attempt = async {
         let chan = node
             .pool()
