@@ -51,8 +51,9 @@ const UNREACHABLE: SocketAddr = SocketAddr::new(
     std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)),
     1,
 );
-/// The node's DHT maintenance runs every 5 s; its first run replicates the
-/// node's own records. Waiting this long after a node starts lets it run.
+/// The node's DHT maintenance runs every few seconds (every 1 s at the time
+/// of writing); its first run replicates the node's own records. Waiting
+/// this long after a node starts lets it run, with a wide margin.
 const FIRST_DHT_TICK: Duration = Duration::from_secs(7);
 /// A joining client's registry page has been admitted once no record
 /// arrived for this long.

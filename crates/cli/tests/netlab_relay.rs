@@ -991,7 +991,7 @@ fn no_connection_to_undeclared_targets() {
 
 /// The one way a client can name a target for EXTEND is a node id, whose
 /// endpoints come from that node's signed record; but anyone can sign a
-/// record of their own. A probe (fresh key) publishes a relay record whose
+/// record of their own. A probe (fresh key, on host 7) publishes a relay record whose
 /// endpoints are another host's port (host 6, no vx6 there, a recorder at
 /// `[fd00:6::1]:8083`) and loopback (`127.0.0.1:8082`, `[::1]:8082`;
 /// recorders at 127.0.0.1:8082 on every relay), and pushes it to the client
@@ -1009,6 +1009,9 @@ fn forged_relay_record_cannot_aim_relays_at_other_ports() {
         plans.push(Plan::node(format!("r{i}")));
     }
     plans.push(Plan::node("victim").no_daemon());
+    // The forger runs on a host of its own: aiming relays at the forger's
+    // own address would harm nobody but itself.
+    plans.push(Plan::node("attacker").no_daemon());
     let Some(net) = Net::new("forged", plans) else {
         return;
     };
@@ -1023,7 +1026,7 @@ fn forged_relay_record_cannot_aim_relays_at_other_ports() {
         .iter()
         .map(|&h| SocketAddr::new(IpAddr::V6(net.addrs[h]), PORT))
         .collect();
-    let fake_id = lab.host(6).run_async(move || async move {
+    let fake_id = lab.host(7).run_async(move || async move {
         let probe = Probe::new().await;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

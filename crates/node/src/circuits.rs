@@ -32,12 +32,17 @@ use crate::node::{Node, now};
 
 /// One hop's budget for CREATED / EXTENDED.
 const HOP_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a failed relay stays out of new paths.
+const RECENT_FAILURE: Duration = Duration::from_secs(120);
 /// Default circuit length (relays before the owner).
 pub const DEFAULT_HOPS: usize = 3;
 
 /// The anonymous side of the node: a dial-only pool with a throwaway key.
 pub struct AnonLinks {
     pool: Arc<Pool>,
+    /// Relays that failed a circuit recently: left out of new paths while
+    /// enough others remain (the persisted health only down-weights them).
+    recent_failures: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
     pub circuits_built: AtomicU64,
     pub circuits_failed: AtomicU64,
     pub circuits_active: AtomicU64,
@@ -65,6 +70,7 @@ impl AnonLinks {
                 Arc::new(RefuseAll),
                 1024,
             ),
+            recent_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
             circuits_built: AtomicU64::new(0),
             circuits_failed: AtomicU64::new(0),
             circuits_active: AtomicU64::new(0),
@@ -118,6 +124,20 @@ fn candidates(node: &Node) -> Vec<(Candidate, Signed<NodeRecord>)> {
 
 /// Records a relay's success or failure (and RTT) for path selection.
 pub(crate) fn mark(node: &Node, id: &NodeId, ok: bool, rtt_ms: Option<u32>) {
+    {
+        let mut recent = node
+            .inner()
+            .anon
+            .recent_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if ok {
+            recent.remove(id);
+        } else {
+            recent.insert(*id, Instant::now());
+        }
+        recent.retain(|_, t| t.elapsed() < RECENT_FAILURE);
+    }
     let db = &node.inner().db;
     let mut h = db
         .health()
@@ -147,21 +167,32 @@ pub(crate) fn mark(node: &Node, id: &NodeId, ok: bool, rtt_ms: Option<u32>) {
 /// A running client circuit that carries streams to services of its last hop.
 #[derive(Clone)]
 pub struct ClientCirc {
-    tx: mpsc::Sender<(TcpStream, ServiceName)>,
+    tx: mpsc::Sender<Pending>,
     pub path: Arc<Vec<NodeId>>,
 }
+
+/// A local connection waiting to be carried: it is not read from until
+/// the owner says CONNECTED, so if the circuit dies first nothing was lost
+/// and the connection can be retried on a new circuit.
+pub struct Pending {
+    pub tcp: TcpStream,
+    pub service: ServiceName,
+    /// Circuits this connection was already offered to.
+    pub tries: u8,
+}
+
+/// Where a dying circuit hands back connections it had not started.
+pub type Orphans = mpsc::UnboundedSender<Pending>;
 
 impl ClientCirc {
     pub fn is_alive(&self) -> bool {
         !self.tx.is_closed()
     }
 
-    /// Carries one local connection to `service` over the circuit.
-    pub async fn open(&self, tcp: TcpStream, service: ServiceName) -> Result<()> {
-        self.tx
-            .send((tcp, service))
-            .await
-            .map_err(|_| NodeError::Unreachable("the relay circuit closed".into()))
+    /// Carries one local connection over the circuit; gives it back when
+    /// the circuit is already gone.
+    pub async fn open(&self, p: Pending) -> std::result::Result<(), Pending> {
+        self.tx.send(p).await.map_err(|e| e.0)
     }
 }
 
@@ -226,6 +257,7 @@ pub async fn build(
     target: &Signed<NodeRecord>,
     hops: usize,
     prefer: Option<TransportKind>,
+    orphans: Orphans,
 ) -> Result<ClientCirc> {
     let inner = node.inner();
     let cands = candidates(node);
@@ -253,7 +285,26 @@ pub async fn build(
         diverse: !all_loopback,
         ..PathRules::default()
     };
-    let cs: Vec<Candidate> = cands.iter().map(|(c, _)| c.clone()).collect();
+    let mut cs: Vec<Candidate> = cands.iter().map(|(c, _)| c.clone()).collect();
+    {
+        let recent = inner
+            .anon
+            .recent_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let fresh: Vec<Candidate> = cs
+            .iter()
+            .filter(|c| {
+                recent
+                    .get(&c.id)
+                    .is_none_or(|t| t.elapsed() >= RECENT_FAILURE)
+            })
+            .cloned()
+            .collect();
+        if fresh.len() > hops {
+            cs = fresh;
+        }
+    }
     let path = select_path(
         &cs,
         &inner.id,
@@ -288,7 +339,16 @@ pub async fn build(
                 tx,
                 path: Arc::new(full_path),
             };
-            tokio::spawn(run_client(node.clone(), chan, circ, rx, cc, cmd_rx, path));
+            tokio::spawn(run_client(
+                node.clone(),
+                chan,
+                circ,
+                rx,
+                cc,
+                cmd_rx,
+                path,
+                orphans,
+            ));
             Ok(handle)
         }
         Err((e, failed)) => {
@@ -407,15 +467,19 @@ async fn build_path(
     Ok((chan, circ, rx, cc))
 }
 
+#[allow(clippy::too_many_arguments)] // one circuit task owns all of these
 async fn run_client(
     node: Node,
     chan: Channel,
     circ: CircId,
     mut rx: CircuitRx,
     mut cc: ClientCircuit,
-    mut cmd_rx: mpsc::Receiver<(TcpStream, ServiceName)>,
+    mut cmd_rx: mpsc::Receiver<Pending>,
     relays: Vec<NodeId>,
+    orphans: Orphans,
 ) {
+    let mut waiting: std::collections::HashMap<StreamId, Pending> =
+        std::collections::HashMap::new();
     let anon = &node.inner().anon;
     anon.circuits_active.fetch_add(1, Ordering::Relaxed);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
@@ -444,7 +508,18 @@ async fn run_client(
                             if let Some(dead) = relays.get(hop.index() + 1) { mark(&node, dead, false, None); }
                             break;
                         }
-                        RelayMsg::Connected { .. } | RelayMsg::Drop => {}
+                        RelayMsg::Connected { stream } => {
+                            if let Some(p) = waiting.remove(&stream) {
+                                mux.attach(stream, p.tcp);
+                            }
+                        }
+                        RelayMsg::End { stream, .. } if waiting.contains_key(&stream) => {
+                            // Refused at the owner: the local client sees a reset.
+                            if let Some(p) = waiting.remove(&stream) {
+                                let _ = p.tcp.set_zero_linger();
+                            }
+                        }
+                        RelayMsg::Drop => {}
                         m if hop == owner => match mux.on_msg(m) {
                             Ok(replies) => out = replies,
                             Err(_) => break,
@@ -455,11 +530,11 @@ async fn run_client(
                 }
             }
             cmd = cmd_rx.recv() => {
-                let Some((tcp, service)) = cmd else { break };
+                let Some(p) = cmd else { break };
                 let stream = StreamId(next_stream);
                 next_stream = next_stream.wrapping_add(1).max(1);
-                out.push(RelayMsg::Begin { stream, service });
-                mux.attach(stream, tcp);
+                out.push(RelayMsg::Begin { stream, service: p.service.clone() });
+                waiting.insert(stream, p);
             }
             Some(ev) = ev_rx.recv() => match mux.on_event(ev) {
                 Ok(msgs) => out = msgs,
@@ -490,4 +565,13 @@ async fn run_client(
         )
         .await;
     anon.circuits_active.fetch_sub(1, Ordering::Relaxed);
+    // Connections the owner never accepted were not read from: hand them
+    // back for a new circuit. So do connections still queued for us.
+    cmd_rx.close();
+    while let Ok(p) = cmd_rx.try_recv() {
+        let _ = orphans.send(p);
+    }
+    for (_, p) in waiting.drain() {
+        let _ = orphans.send(p);
+    }
 }

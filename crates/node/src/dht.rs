@@ -115,7 +115,7 @@ async fn query(
     req: &Request,
 ) -> Option<Response> {
     let body = req.encode().ok()?;
-    let endpoints = crate::discovery::usable_endpoints(node, endpoints, None);
+    let endpoints = crate::discovery::usable_endpoints(node, &to, endpoints, None);
     let fut = async {
         let chan = node.pool().connect(to, &endpoints).await.ok()?;
         let r = chan

@@ -103,13 +103,24 @@ pub(crate) fn dialable(node: &Node, ep: &Endpoint) -> bool {
     true
 }
 
-/// The endpoints of a peer's record this node may dial, in dial order.
+/// The endpoints of `id`'s record this node may dial, in dial order. Once
+/// `id` has been seen over an authenticated channel, only addresses it was
+/// seen at qualify: a record is signed by its subject, who could otherwise
+/// aim us at anyone's port. A node never met yet (a lookup candidate) is
+/// dialed at what its record says, as Kademlia must.
 pub(crate) fn usable_endpoints(
     node: &Node,
+    id: &NodeId,
     eps: &[Endpoint],
     prefer: Option<TransportKind>,
 ) -> Vec<Endpoint> {
-    let mut v: Vec<Endpoint> = eps.iter().copied().filter(|e| dialable(node, e)).collect();
+    let seen = node.inner().seen_at(id);
+    let mut v: Vec<Endpoint> = eps
+        .iter()
+        .copied()
+        .filter(|e| dialable(node, e))
+        .filter(|e| seen.is_empty() || seen.contains(&e.addr.ip()))
+        .collect();
     sort_endpoints(&mut v, prefer);
     v
 }
@@ -412,6 +423,68 @@ pub(crate) fn spawn_background(node: &Node) {
             tokio::time::sleep(ENTRY_RETRY).await;
         }
     });
+    let n = node.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RELAY_MEET_EVERY).await;
+            meet_relays(&n).await;
+        }
+    });
+}
+
+/// How often a relay looks for relays it has not met yet.
+const RELAY_MEET_EVERY: Duration = Duration::from_secs(3);
+/// Relays a relay keeps acquainted with (bounded, so background traffic does
+/// not grow with the network).
+const MAX_MET_RELAYS: usize = 64;
+
+/// A relay extends circuits only to nodes it has met over an authenticated
+/// channel (relay.rs), so relays make a point of meeting other relays they
+/// learn of: a few per round, on their own initiative (never because a
+/// client asked), up to a bound.
+async fn meet_relays(node: &Node) {
+    let relay_on = node
+        .inner()
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .relay
+        .enabled;
+    if !relay_on {
+        return;
+    }
+    let relays: Vec<Signed<NodeRecord>> = registry_records(node)
+        .into_iter()
+        .filter(|r| r.body.caps.has(Capabilities::RELAY) && r.body.node != node.id())
+        .collect();
+    let met = relays
+        .iter()
+        .filter(|r| !node.inner().seen_at(&r.body.node).is_empty())
+        .count();
+    if met >= MAX_MET_RELAYS {
+        return;
+    }
+    let todo = relays
+        .into_iter()
+        .filter(|r| node.inner().seen_at(&r.body.node).is_empty())
+        .take(4)
+        .map(|r| {
+            let n = node.clone();
+            async move {
+                let eps = usable_endpoints(
+                    &n,
+                    &r.body.node,
+                    &r.body.endpoints,
+                    Some(TransportKind::Tcp),
+                );
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    n.pool().connect(r.body.node, &eps),
+                )
+                .await;
+            }
+        });
+    futures_join_all(todo).await;
 }
 
 /// After an address change, channels may be bound to an address that is
@@ -680,7 +753,7 @@ pub async fn resolve_service(
             },
         }
     };
-    let mut endpoints = usable_endpoints(node, &rec.body.endpoints, prefer);
+    let mut endpoints = usable_endpoints(node, &rec.body.node, &rec.body.endpoints, prefer);
     if let Some(t) = prefer
         && endpoints.iter().any(|e| e.transport == t)
     {

@@ -123,9 +123,9 @@ pub(crate) struct Inner {
     pub(crate) dht: crate::dht::DhtState,
     pub(crate) relay: crate::relay::RelayState,
     pub(crate) anon: crate::circuits::AnonLinks,
-    /// (node, address) pairs this node has dialed and reached with that
-    /// node's key: the only addresses it opens connections to for others.
-    verified: Mutex<std::collections::HashSet<(NodeId, SocketAddr)>>,
+    /// Addresses each node has been seen at over an authenticated channel
+    /// (either direction): the only addresses this node dials for it.
+    seen_at: Mutex<HashMap<NodeId, Vec<std::net::IpAddr>>>,
     /// Bytes of this node's own forwarded traffic (for the transit share).
     pub(crate) own_bytes: Arc<AtomicU64>,
     _lock: DaemonLock,
@@ -150,17 +150,24 @@ impl Inner {
     pub(crate) fn set_own_records(&self, rec: Signed<NodeRecord>, claim: Signed<NameClaim>) {
         *self.own.write().unwrap_or_else(|p| p.into_inner()) = Some((rec, claim));
     }
-    /// Remembers that `node` answered with its key at `addr`.
-    pub(crate) fn mark_verified(&self, node: NodeId, addr: SocketAddr) {
-        let mut v = lock(&self.verified);
-        // Bounded: forgetting only costs a refused extension until the next dial.
-        if v.len() >= 100_000 {
-            v.clear();
+    /// Remembers that `node` proved its key from `ip`.
+    pub(crate) fn mark_seen(&self, node: NodeId, ip: std::net::IpAddr) {
+        let mut m = lock(&self.seen_at);
+        // Bounded: forgetting only costs a refused extension until the next contact.
+        if m.len() >= 100_000 {
+            m.clear();
         }
-        v.insert((node, addr));
+        let ips = m.entry(node).or_default();
+        if !ips.contains(&ip) {
+            if ips.len() >= 8 {
+                ips.remove(0);
+            }
+            ips.push(ip);
+        }
     }
-    pub(crate) fn is_verified(&self, node: &NodeId, addr: &SocketAddr) -> bool {
-        lock(&self.verified).contains(&(*node, *addr))
+    /// The addresses `node` was seen at (empty: never in contact).
+    pub(crate) fn seen_at(&self, node: &NodeId) -> Vec<std::net::IpAddr> {
+        lock(&self.seen_at).get(node).cloned().unwrap_or_default()
     }
     pub(crate) fn onion_secret(&self) -> &x25519_dalek::StaticSecret {
         &self.onion_secret
@@ -189,9 +196,7 @@ impl StreamHandler for Dispatch {
         let Some(inner) = self.0.upgrade() else {
             return;
         };
-        if chan.is_dialer() {
-            inner.mark_verified(chan.peer(), chan.remote());
-        }
+        inner.mark_seen(chan.peer(), chan.remote().ip());
         tokio::spawn(crate::discovery::sync_with(Node { inner }, chan.clone()));
     }
     fn circuit(&self, chan: Channel, circuit: vx6_net::channel::IncomingCircuit) {
@@ -313,7 +318,7 @@ impl Node {
             relay: crate::relay::RelayState::new(relay_budget),
             anon,
             own_bytes: Arc::new(AtomicU64::new(0)),
-            verified: Mutex::new(std::collections::HashSet::new()),
+            seen_at: Mutex::new(HashMap::new()),
             _lock: lock,
         });
         let node = Node { inner };
@@ -740,7 +745,31 @@ impl Node {
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(TransportKind::Tcp),
         );
-        let first = crate::circuits::build(self, &target, hops, prefer).await?;
+        let (orphan_tx, mut orphan_rx) = tokio::sync::mpsc::unbounded_channel();
+        // A few tries, each on a new path: right after start-up relays may
+        // not have met each other yet, and a relay that just failed is
+        // left out of the next path.
+        let mut first = None;
+        let mut last_err = None;
+        for attempt in 0..5u64 {
+            match crate::circuits::build(self, &target, hops, prefer, orphan_tx.clone()).await {
+                Ok(c) => {
+                    first = Some(c);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+        }
+        let first = match (first, last_err) {
+            (Some(c), _) => c,
+            (None, Some(e)) => return Err(e),
+            (None, None) => {
+                return Err(NodeError::Unreachable(
+                    "no relay circuit could be built".into(),
+                ));
+            }
+        };
         let path: Vec<String> = first.path.iter().map(|n| n.short()).collect();
         let listener = TcpListener::bind(listen).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -761,51 +790,25 @@ impl Node {
         let circ = Arc::new(tokio::sync::Mutex::new(first));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                conns.fetch_add(1, Ordering::Relaxed);
-                node.inner
-                    .counters
-                    .forward_connections
-                    .fetch_add(1, Ordering::Relaxed);
-                let node = node.clone();
-                let (circ, svc, target) = (circ.clone(), svc.clone(), target.clone());
-                tokio::spawn(async move {
-                    let c = {
-                        let mut g = circ.lock().await;
-                        if !g.is_alive() {
-                            // A few tries: each picks a new path around
-                            // relays that just failed.
-                            let mut last = None;
-                            for _ in 0..3 {
-                                match crate::circuits::build(&node, &target, hops, prefer).await {
-                                    Ok(c) => {
-                                        *g = c;
-                                        last = None;
-                                        break;
-                                    }
-                                    Err(e) => last = Some(e),
-                                }
-                            }
-                            if let Some(e) = last {
-                                node.inner
-                                    .counters
-                                    .forward_failures
-                                    .fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(error = %e, "cannot rebuild the relay circuit");
-                                return;
-                            }
-                        }
-                        g.clone()
-                    };
-                    if c.open(tcp, svc).await.is_err() {
-                        node.inner
-                            .counters
-                            .forward_failures
-                            .fetch_add(1, Ordering::Relaxed);
+                // New local connections, and ones a dying circuit handed back
+                // before the owner accepted them (nothing was read from those).
+                let pending = tokio::select! {
+                    acc = listener.accept() => {
+                        let Ok((tcp, _)) = acc else {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        };
+                        conns.fetch_add(1, Ordering::Relaxed);
+                        node.inner.counters.forward_connections.fetch_add(1, Ordering::Relaxed);
+                        crate::circuits::Pending { tcp, service: svc.clone(), tries: 0 }
                     }
+                    Some(p) = orphan_rx.recv() => p,
+                };
+                let node = node.clone();
+                let (circ, target, orphans) = (circ.clone(), target.clone(), orphan_tx.clone());
+                tokio::spawn(async move {
+                    node.relay_one(pending, &circ, &target, hops, prefer, orphans)
+                        .await;
                 });
             }
         })
@@ -826,6 +829,66 @@ impl Node {
             "id": id, "listen": local.to_string(), "node": owner.to_string(), "service": service.as_str(),
             "pinned": false, "via": "relay", "path": path,
         }))
+    }
+
+    /// Hands one local connection to the forward's circuit, rebuilding the
+    /// circuit (a few times, around relays that just failed) when it is gone.
+    async fn relay_one(
+        &self,
+        mut p: crate::circuits::Pending,
+        circ: &tokio::sync::Mutex<crate::circuits::ClientCirc>,
+        target: &Signed<NodeRecord>,
+        hops: usize,
+        prefer: Option<TransportKind>,
+        orphans: crate::circuits::Orphans,
+    ) {
+        const MAX_TRIES: u8 = 4;
+        loop {
+            p.tries += 1;
+            if p.tries > MAX_TRIES {
+                self.inner
+                    .counters
+                    .forward_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = p.tcp.set_zero_linger();
+                return;
+            }
+            let c = {
+                let mut g = circ.lock().await;
+                if !g.is_alive() {
+                    let mut built = None;
+                    for _ in 0..5 {
+                        match crate::circuits::build(self, target, hops, prefer, orphans.clone())
+                            .await
+                        {
+                            Ok(c) => {
+                                built = Some(c);
+                                break;
+                            }
+                            Err(e) => tracing::debug!(error = %e, "relay circuit build failed"),
+                        }
+                    }
+                    match built {
+                        Some(c) => *g = c,
+                        None => {
+                            self.inner
+                                .counters
+                                .forward_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("cannot rebuild the relay circuit");
+                            let _ = p.tcp.set_zero_linger();
+                            return;
+                        }
+                    }
+                }
+                g.clone()
+            };
+            match c.open(p).await {
+                Ok(()) => return,
+                // The circuit died between the check and the hand-over.
+                Err(back) => p = back,
+            }
+        }
     }
 
     /// Dials `ep` expecting `node` (given, or pinned for that address), or

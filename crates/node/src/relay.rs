@@ -485,15 +485,17 @@ async fn extend(
             .fetch_add(1, Ordering::Relaxed);
         return Err(Reason::Unreachable);
     };
-    // Opening a connection for a client is allowed only to an endpoint this
-    // node has itself reached that node at before (a signed record can list
-    // anyone's address), unless a live channel to it exists (nothing new is
-    // opened then).
+    // Opening a connection for a client is allowed only to an address this
+    // node has itself seen that node prove its key from (a signed record can
+    // list anyone's address), unless a live channel to it exists (nothing
+    // new is opened then). A node never met is not extended to.
     let live = node.pool().get(&to).is_some();
     let mut eps =
-        crate::discovery::usable_endpoints(node, &rec.body.endpoints, Some(prev.transport()));
+        crate::discovery::usable_endpoints(node, &to, &rec.body.endpoints, Some(prev.transport()));
     if !live {
-        eps.retain(|e| inner.is_verified(&to, &e.addr));
+        if inner.seen_at(&to).is_empty() {
+            eps.clear();
+        }
         if eps.is_empty() {
             inner
                 .relay
