@@ -281,9 +281,17 @@ pub async fn build(
     let all_loopback = cands
         .iter()
         .all(|(c, _)| c.addrs.iter().all(IpAddr::is_loopback));
+    let (v6, v4) = {
+        let cfg = inner.config.read().unwrap_or_else(|p| p.into_inner());
+        (
+            cfg.relay.path_prefix_v6.min(128),
+            cfg.relay.path_prefix_v4.min(32),
+        )
+    };
     let rules = PathRules {
+        prefix_len_v6: v6,
+        prefix_len_v4: v4,
         diverse: !all_loopback,
-        ..PathRules::default()
     };
     let mut cs: Vec<Candidate> = cands.iter().map(|(c, _)| c.clone()).collect();
     {

@@ -101,6 +101,11 @@ pub struct RelaySection {
     pub max_circuits: u32,
     /// Largest share (0.0–1.0) of the node's bandwidth given to transit traffic.
     pub max_transit_share: f64,
+    /// Path diversity: no two hops of a circuit this node builds share an
+    /// IPv6 prefix of this many bits...
+    pub path_prefix_v6: u8,
+    /// ...or an IPv4 prefix of this many bits.
+    pub path_prefix_v4: u8,
 }
 
 impl Default for RelaySection {
@@ -109,6 +114,8 @@ impl Default for RelaySection {
             enabled: true,
             max_circuits: 512,
             max_transit_share: 0.5,
+            path_prefix_v6: 48,
+            path_prefix_v4: 16,
         }
     }
 }
