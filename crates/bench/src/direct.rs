@@ -5,8 +5,9 @@
 //!
 //! Every case is just "a local TCP address that leads to the target", so a
 //! new mode is one more [`Case`]. Cases are measured round-robin (every case
-//! once per round) so that load from other processes on the machine spreads
-//! over all of them instead of hitting one.
+//! once per round, latency samples interleaved one by one) so that load from
+//! other processes on the machine spreads over all of them instead of
+//! hitting one.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -143,20 +144,26 @@ async fn vx6_cases(
     let owner = BenchNode::start(&spec).await?;
     let owner_id = owner.node.id();
     let owner_tcp = owner.endpoint(TransportKind::Tcp)?;
+    let mut relays = Vec::new();
     for i in 1..=RELAYS {
         let mut spec = NodeSpec::new(format!("relay{i}"));
         spec.peers = vec![owner_tcp];
-        nodes.push(BenchNode::start(&spec).await?);
+        relays.push(BenchNode::start(&spec).await?);
     }
     // The clients learn the relays from the owner's registry when their
-    // channel to it comes up.
+    // channel to it comes up; a relay extends only to nodes whose records it
+    // holds, so every relay must know the others and the owner too.
     let relays_known = wait_until(
-        "the owner knows the relays",
+        "the owner and the relays know each other",
         Duration::from_secs(30),
         Duration::from_millis(10),
-        || owner.known_nodes() >= RELAYS as u64,
+        || {
+            owner.known_nodes() >= RELAYS as u64
+                && relays.iter().all(|r| r.known_nodes() >= RELAYS as u64)
+        },
     )
     .await;
+    nodes.extend(relays);
     let mut cases = Vec::new();
     let mut relay_cases = Vec::new();
     for (key, relay_key, kind) in [
@@ -281,12 +288,8 @@ async fn relay_case(
     case
 }
 
-async fn measure_round(
-    c: &mut Case,
-    opts: &Options,
-    per_round: usize,
-    cpu: &CpuClock,
-) -> Result<()> {
+/// One bulk transfer each way for `c`.
+async fn measure_bulk(c: &mut Case, opts: &Options, cpu: &CpuClock) -> Result<()> {
     let Some(addr) = c.addr else { return Ok(()) };
     let gib = opts.bytes as f64 / GIB;
     let mib = opts.bytes as f64 / MIB;
@@ -307,23 +310,41 @@ async fn measure_round(
     if let (Some(a), Some(b)) = (c1, c2) {
         c.m.down_cpu.push((b - a) / gib);
     }
-    let mut lat = Vec::with_capacity(per_round);
-    for _ in 0..per_round {
-        lat.push(
-            traffic::first_byte(addr)
-                .await
-                .with_context(|| format!("{}: connect→first byte", c.label))?,
-        );
-    }
     eprintln!(
-        "  {:<24} up {:>7.0} MiB/s  down {:>7.0} MiB/s  c→fb p50 {:>5} µs  p99 {:>6} µs",
+        "  {:<24} up {:>7.0} MiB/s  down {:>7.0} MiB/s",
         c.label,
         c.m.up.last().copied().unwrap_or(0.0),
         c.m.down.last().copied().unwrap_or(0.0),
-        fmt_us(stats::percentile(&lat, 50.0)),
-        fmt_us(stats::percentile(&lat, 99.0)),
     );
-    c.m.latency.extend(lat);
+    Ok(())
+}
+
+/// `n` connect→first-byte samples per case, interleaved (one sample of each
+/// case in turn), so that every case sees the same machine state.
+async fn measure_latency(cases: &mut [Case], n: usize) -> Result<()> {
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); cases.len()];
+    for _ in 0..n {
+        for (c, l) in cases.iter().zip(lat.iter_mut()) {
+            if let Some(addr) = c.addr {
+                l.push(
+                    traffic::first_byte(addr)
+                        .await
+                        .with_context(|| format!("{}: connect→first byte", c.label))?,
+                );
+            }
+        }
+    }
+    for (c, l) in cases.iter_mut().zip(lat) {
+        if c.addr.is_some() {
+            eprintln!(
+                "  {:<24} c→fb p50 {:>5} µs  p99 {:>6} µs",
+                c.label,
+                fmt_us(stats::percentile(&l, 50.0)),
+                fmt_us(stats::percentile(&l, 99.0)),
+            );
+            c.m.latency.extend(l);
+        }
+    }
     Ok(())
 }
 
@@ -391,8 +412,9 @@ pub async fn run(opts: &Options) -> Result<Report> {
     for r in 0..rounds {
         eprintln!("round {}/{rounds} (load {}):", r + 1, stats::load_average());
         for c in &mut cases {
-            measure_round(c, opts, per_round, &cpu).await?;
+            measure_bulk(c, opts, &cpu).await?;
         }
+        measure_latency(&mut cases, per_round).await?;
     }
     Ok(Report {
         cases,

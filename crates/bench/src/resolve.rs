@@ -355,13 +355,15 @@ pub async fn run(opts: &Options) -> Result<Report> {
         || late.channels() > 0,
     )
     .await?;
-    // Its name claim reaches the holders at its first DHT run.
-    tokio::time::sleep(FIRST_DHT_TICK).await;
+    // Its name claim reaches the holders at its first DHT run. Measure as
+    // soon as half the network holds it: the longer the wait, the likelier
+    // a periodic registry refresh brings `late`'s record to a client first
+    // (the table shows where each answer came from either way).
     let want_holders = n / 2;
     let t_wait = Instant::now();
     let mut late_holders = holders(&net, "late").await;
     while late_holders < want_holders && t_wait.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         late_holders = holders(&net, "late").await;
     }
     if late_holders < want_holders {
@@ -474,7 +476,7 @@ impl std::fmt::Display for Report {
         series_rows(
             f,
             &format!(
-                "resolve `late.svc`, not in the registry ({} settled TCP-only clients)",
+                "resolve `late.svc` (owner joined after these {} clients settled)",
                 self.dht_clients
             ),
             &self.dht,

@@ -260,7 +260,12 @@ pub async fn build(
     orphans: Orphans,
 ) -> Result<ClientCirc> {
     let inner = node.inner();
-    let cands = candidates(node);
+    let mut cands = candidates(node);
+    if cands.len() < hops + 2 {
+        // Too few relays known: ask our peers for fresh records first.
+        crate::discovery::sync_now(node, 4).await;
+        cands = candidates(node);
+    }
     let own_addrs: Vec<IpAddr> = node
         .local_endpoints()
         .iter()
@@ -309,7 +314,12 @@ pub async fn build(
             })
             .cloned()
             .collect();
-        if fresh.len() > hops {
+        let usable = fresh
+            .iter()
+            .filter(|c| c.id != inner.id && c.id != target.body.node)
+            .count();
+        // Leave them out only while enough others remain for a path.
+        if usable >= hops + 1 {
             cs = fresh;
         }
     }

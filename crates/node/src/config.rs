@@ -755,7 +755,9 @@ mod tests {
             RelaySection {
                 enabled: true,
                 max_circuits: 512,
-                max_transit_share: 0.5
+                max_transit_share: 0.5,
+                path_prefix_v6: 48,
+                path_prefix_v4: 16,
             }
         );
         assert!(c.advertise.is_empty() && c.peers.is_empty() && c.metrics_listen.is_none());
@@ -777,6 +779,8 @@ mod tests {
             enabled: false,
             max_circuits: 3,
             max_transit_share: 0.25,
+            path_prefix_v6: 40,
+            path_prefix_v4: 24,
         };
         c.metrics_listen = Some("127.0.0.1:9100".parse().unwrap());
         c.save(&home.config_path()).unwrap();

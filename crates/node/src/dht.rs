@@ -169,6 +169,17 @@ async fn run_lookup(node: &Node, mut lookup: Lookup) -> Option<LookupResult> {
         let dht = &node.inner().dht;
         match resp {
             Some(r) => {
+                // Signed records met in answers also feed the registry (each
+                // is verified there), which is where relay paths and names
+                // are looked for first.
+                let recs: Vec<Vec<u8>> = match &r {
+                    Response::Nodes(v) => v.iter().map(Signed::encode).collect(),
+                    Response::Value { closer, .. } => closer.iter().map(Signed::encode).collect(),
+                    _ => Vec::new(),
+                };
+                for b in recs {
+                    let _ = crate::discovery::admit_node_record(node, &b);
+                }
                 dht.with(|c| c.handle_lookup_response(&mut lookup, from, r, now()));
             }
             None => {

@@ -331,7 +331,23 @@ pub(crate) async fn handle_rpc(
 
 /// Runs on every new channel: push our record, pull a page of theirs.
 pub(crate) async fn sync_with(node: Node, chan: Channel) {
-    if let Some(own) = node.inner().own_record() {
+    push_and_pull(&node, &chan, true).await;
+}
+
+/// Pulls a page of fresh records from a few connected peers now (e.g. when
+/// a relay path lacks candidates).
+pub(crate) async fn sync_now(node: &Node, peers: usize) {
+    let chans: Vec<Channel> = node.pool().channels().into_iter().take(peers).collect();
+    let pulls = chans.into_iter().map(|c| {
+        let n = node.clone();
+        async move { push_and_pull(&n, &c, false).await }
+    });
+    futures_join_all(pulls).await;
+}
+
+async fn push_and_pull(node: &Node, chan: &Channel, push: bool) {
+    let node = node.clone();
+    if push && let Some(own) = node.inner().own_record() {
         let _ = chan
             .request(
                 Bytes::from(Purpose::PushRecord.encode()),
@@ -420,6 +436,9 @@ pub(crate) fn spawn_background(node: &Node) {
             if n.pool().channels().len() < MIN_CHANNELS {
                 dial_entry_peers(&n).await;
             }
+            // One page from one peer per round keeps the registry fresh at a
+            // constant cost, whatever the size of the network.
+            sync_now(&n, 1).await;
             tokio::time::sleep(ENTRY_RETRY).await;
         }
     });

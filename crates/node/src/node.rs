@@ -751,7 +751,7 @@ impl Node {
         // left out of the next path.
         let mut first = None;
         let mut last_err = None;
-        for attempt in 0..5u64 {
+        for attempt in 0..8u64 {
             match crate::circuits::build(self, &target, hops, prefer, orphan_tx.clone()).await {
                 Ok(c) => {
                     first = Some(c);
@@ -759,7 +759,7 @@ impl Node {
                 }
                 Err(e) => last_err = Some(e),
             }
-            tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+            tokio::time::sleep(Duration::from_millis(250 * (attempt + 1))).await;
         }
         let first = match (first, last_err) {
             (Some(c), _) => c,

@@ -147,6 +147,10 @@ fn tap(what: &[u8]) {
     }
 }
 
+/// Cells a circuit forwards before its view is tapped: more than building
+/// it takes, so a half-built circuit that was given up is not reported.
+const TAP_VIEW_AFTER: u32 = 12;
+
 fn tap_view(prev: &NodeId, next: &NodeId) {
     if let Some(dir) = std::env::var_os("VX6_TEST_RELAY_TAP") {
         use std::io::Write;
@@ -242,6 +246,7 @@ async fn run_hop(node: Node, prev: Channel, inc: IncomingCircuit) {
         return;
     }
     let mut next: Option<Next> = None;
+    let mut forwarded = 0u32;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut mux = StreamMux::new(ev_tx);
     let end_reason;
@@ -259,6 +264,10 @@ async fn run_hop(node: Node, prev: Channel, inc: IncomingCircuit) {
                         match hop.handle_forward(body) {
                             Ok(Forward::Next(b)) => {
                                 if let Some(n) = &next {
+                                    forwarded += 1;
+                                    if forwarded == TAP_VIEW_AFTER {
+                                        tap_view(&prev.peer(), &n.chan.peer());
+                                    }
                                     inner.relay.transit_bytes.fetch_add(cell.payload.len() as u64, Ordering::Relaxed);
                                     if !send_relay(&n.chan, n.circ, b).await {
                                         end_reason = Reason::LinkClosed;
@@ -375,7 +384,6 @@ async fn for_me(
         RelayMsg::Extend { next: to, create } => {
             let reply = match extend(node, prev, to, &create).await {
                 Ok((n, created)) => {
-                    tap_view(&prev.peer(), &to);
                     inner.relay.extends_ok.fetch_add(1, Ordering::Relaxed);
                     *next = Some(n);
                     hop.extend_succeeded(&created)
