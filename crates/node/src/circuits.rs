@@ -319,7 +319,7 @@ pub async fn build(
             .filter(|c| c.id != inner.id && c.id != target.body.node)
             .count();
         // Leave them out only while enough others remain for a path.
-        if usable >= hops + 1 {
+        if usable > hops {
             cs = fresh;
         }
     }
