@@ -1,5 +1,5 @@
 //! CI-sized run of the DHT simulator (the 10,000-node numbers are in
-//! docs/BENCHMARKS-dht.md).
+//! docs/BENCHMARKS.md).
 
 use vx6_dht::sim::{SimConfig, run};
 

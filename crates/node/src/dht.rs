@@ -177,9 +177,7 @@ async fn run_lookup(node: &Node, mut lookup: Lookup) -> Option<LookupResult> {
                     Response::Value { closer, .. } => closer.iter().map(Signed::encode).collect(),
                     _ => Vec::new(),
                 };
-                for b in recs {
-                    let _ = crate::discovery::admit_node_record(node, &b);
-                }
+                crate::discovery::admit_node_records(node, &recs);
                 dht.with(|c| c.handle_lookup_response(&mut lookup, from, r, now()));
             }
             None => {

@@ -249,6 +249,57 @@ pub(crate) fn admit_node_record(node: &Node, bytes: &[u8]) -> Result<Option<Sign
     }
 }
 
+/// Verifies a batch of NodeRecords from a peer and stores the new ones (a
+/// higher seq than held) in one database transaction; records already known
+/// cost a read, never a write. Returns the records that were new.
+pub(crate) fn admit_node_records(node: &Node, batch: &[Vec<u8>]) -> Vec<Signed<NodeRecord>> {
+    let inner = node.inner();
+    let t = now();
+    let mut fresh: Vec<(Signed<NodeRecord>, &[u8])> = Vec::new();
+    for bytes in batch {
+        let rec = match Signed::<NodeRecord>::decode_verified(bytes, t) {
+            Ok(r) => r,
+            Err(_) => {
+                inner
+                    .counters
+                    .records_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        if rec.body.node == inner.id || fresh.iter().any(|(f, _)| f.body.node == rec.body.node) {
+            continue;
+        }
+        let held = inner.db.node_record_seq(&rec.body.node).ok().flatten();
+        if held.is_some_and(|s| s >= rec.body.seq) {
+            inner.counters.records_stale.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        fresh.push((rec, bytes.as_slice()));
+    }
+    if fresh.is_empty() {
+        return Vec::new();
+    }
+    let items: Vec<(NodeId, u64, &[u8])> = fresh
+        .iter()
+        .map(|(r, b)| (r.body.node, r.body.seq, *b))
+        .collect();
+    let Ok(stored) = inner.db.put_node_records(&items) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ((rec, _), ok) in fresh.into_iter().zip(stored) {
+        if ok {
+            inner
+                .counters
+                .records_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            out.push(rec);
+        }
+    }
+    out
+}
+
 /// Every valid NodeRecord in the registry, freshest first, own first.
 pub(crate) fn registry_records(node: &Node) -> Vec<Signed<NodeRecord>> {
     let now = now();
@@ -357,36 +408,48 @@ async fn push_and_pull(node: &Node, chan: &Channel, push: bool) {
             )
             .await;
     }
-    let req = SyncRequest {
-        cursor: 0,
-        limit: nodemsg::MAX_SYNC_PAGE as u16,
-    };
-    let Ok(raw) = chan
-        .request(
-            Bytes::from(Purpose::PeerSync.encode()),
-            Bytes::from(req.encode()),
-            nodemsg::MAX_RPC_LEN,
-            RPC_TIMEOUT,
-        )
-        .await
-    else {
-        return;
-    };
-    let Ok(list) = RecordList::decode(&raw, nodemsg::MAX_SYNC_PAGE) else {
-        node.inner()
-            .counters
-            .records_rejected
-            .fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    for r in &list.records {
-        if let Ok(Some(rec)) = admit_node_record(&node, r)
-            && rec.body.node == chan.peer()
-        {
-            crate::dht::observe(&node, &rec);
+    // Pages, freshest first, for as long as they still teach us something
+    // (bounded): a newcomer to a large network gets more than one page,
+    // a node that is up to date stops after the first.
+    let mut cursor = 0u32;
+    for _ in 0..MAX_SYNC_PAGES {
+        let req = SyncRequest {
+            cursor,
+            limit: nodemsg::MAX_SYNC_PAGE as u16,
+        };
+        let Ok(raw) = chan
+            .request(
+                Bytes::from(Purpose::PeerSync.encode()),
+                Bytes::from(req.encode()),
+                nodemsg::MAX_RPC_LEN,
+                RPC_TIMEOUT,
+            )
+            .await
+        else {
+            return;
+        };
+        let Ok(list) = RecordList::decode(&raw, nodemsg::MAX_SYNC_PAGE) else {
+            node.inner()
+                .counters
+                .records_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let new = admit_node_records(&node, &list.records);
+        for rec in &new {
+            if rec.body.node == chan.peer() {
+                crate::dht::observe(&node, rec);
+            }
+        }
+        match list.next {
+            Some(next) if !new.is_empty() && next > cursor => cursor = next,
+            _ => return,
         }
     }
 }
+
+/// Most peer-sync pages pulled from one peer in one go.
+const MAX_SYNC_PAGES: usize = 16;
 
 /// Background work: watch own addresses and republish, keep entry peers dialed.
 pub(crate) fn spawn_background(node: &Node) {
