@@ -1,3 +1,4 @@
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 //! VX6 transports and the link multiplexer.
 //!
 //! Owns everything between a socket and a stream of bytes between two proven

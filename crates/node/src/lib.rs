@@ -1,3 +1,4 @@
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 //! The VX6 node: daemon, local state, discovery, forwarding and the control API.
 //!
 //! - [`home`]: the node's directory, identity file, daemon lock, atomic writes;

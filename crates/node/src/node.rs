@@ -665,16 +665,7 @@ impl Node {
                 owner.short()
             )));
         }
-        let listener = TcpListener::bind(listen).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                NodeError::Invalid(format!("cannot listen on {listen}: address already in use"))
-            } else {
-                NodeError::io(format!("cannot listen on {listen}"), e)
-            }
-        })?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| NodeError::io("listener address", e))?;
+        let (listener, local) = bind_forward_listener(listen).await?;
         let id = self.inner.next_forward.fetch_add(1, Ordering::Relaxed);
         let connections = Arc::new(AtomicU64::new(0));
         let node = self.clone();
@@ -771,16 +762,7 @@ impl Node {
             }
         };
         let path: Vec<String> = first.path.iter().map(|n| n.short()).collect();
-        let listener = TcpListener::bind(listen).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                NodeError::Invalid(format!("cannot listen on {listen}: address already in use"))
-            } else {
-                NodeError::io(format!("cannot listen on {listen}"), e)
-            }
-        })?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| NodeError::io("listener address", e))?;
+        let (listener, local) = bind_forward_listener(listen).await?;
         let id = self.inner.next_forward.fetch_add(1, Ordering::Relaxed);
         let connections = Arc::new(AtomicU64::new(0));
         let node = self.clone();
@@ -1065,6 +1047,21 @@ impl Node {
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }
+}
+
+/// Binds a forward's local listener; a port in use is a one-line error.
+async fn bind_forward_listener(listen: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(listen).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            NodeError::Invalid(format!("cannot listen on {listen}: address already in use"))
+        } else {
+            NodeError::io(format!("cannot listen on {listen}"), e)
+        }
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| NodeError::io("listener address", e))?;
+    Ok((listener, local))
 }
 
 fn describe_endpoints(endpoints: &[Endpoint]) -> String {
