@@ -262,10 +262,17 @@ impl Node {
         let config = Config::load(&home.config_path())?;
         let services = parse_services(&home)?;
         let db = Db::open(&home.db_path())?;
+        // No transports enabled means an outgoing-only node (config.rs): it
+        // listens nowhere but can still dial over both.
+        let (listen, kinds) = if config.transports.is_empty() {
+            (Vec::new(), vec![TransportKind::Tcp, TransportKind::Quic])
+        } else {
+            (config.listen.clone(), config.transports.clone())
+        };
         let transports = Transports::bind(
             &key,
-            &config.listen,
-            &config.transports,
+            &listen,
+            &kinds,
             NetConfig {
                 handshake_timeout: HANDSHAKE_TIMEOUT,
                 ..NetConfig::default()
@@ -292,7 +299,7 @@ impl Node {
         let id = key.node_id();
         let onion_secret = key.onion_secret();
         let relay_budget = config.relay.max_circuits as usize;
-        let anon = crate::circuits::AnonLinks::new(&config.transports).await?;
+        let anon = crate::circuits::AnonLinks::new(&kinds).await?;
         let dht = crate::dht::DhtState::new(id, &config, &db)?;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
             pool: Pool::new(
