@@ -309,7 +309,7 @@ pub(crate) fn registry_records(node: &Node) -> Vec<Signed<NodeRecord>> {
         .node_records()
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|(_, b)| Signed::<NodeRecord>::decode_verified(&b, now).ok())
+        .filter_map(|(_, b)| stored_record(&b, now))
         .collect();
     v.sort_by_key(|r| std::cmp::Reverse(r.body.issued));
     if let Some(own) = node.inner().own_record() {
@@ -321,7 +321,17 @@ pub(crate) fn registry_records(node: &Node) -> Vec<Signed<NodeRecord>> {
 /// The registry's valid NodeRecord for `id`, if any.
 pub(crate) fn registry_record(node: &Node, id: &NodeId) -> Option<Signed<NodeRecord>> {
     let bytes = node.inner().db.get_node_record(id).ok()??;
-    Signed::<NodeRecord>::decode_verified(&bytes, now()).ok()
+    stored_record(&bytes, now())
+}
+
+/// A record read back from the registry. Its signature was verified when
+/// it was admitted (nothing else writes the table), so reading only decodes
+/// and drops expired ones: re-verifying thousands of signatures on every
+/// peer-sync request would hand peers a cheap way to burn our CPU.
+fn stored_record(bytes: &[u8], now: UnixTime) -> Option<Signed<NodeRecord>> {
+    Signed::<NodeRecord>::decode(bytes)
+        .ok()
+        .filter(|r| r.body.expires > now)
 }
 
 /// Answers the RPC purposes that are not service connections.
@@ -532,7 +542,8 @@ async fn meet_relays(node: &Node) {
         .unwrap_or_else(|p| p.into_inner())
         .relay
         .enabled;
-    if !relay_on {
+    // Cheap first: once this node has met enough nodes, skip the registry scan.
+    if !relay_on || node.inner().seen_count() >= MAX_MET_RELAYS {
         return;
     }
     let relays: Vec<Signed<NodeRecord>> = registry_records(node)

@@ -165,6 +165,10 @@ impl Inner {
             ips.push(ip);
         }
     }
+    /// How many nodes this node has been in contact with.
+    pub(crate) fn seen_count(&self) -> usize {
+        lock(&self.seen_at).len()
+    }
     /// The addresses `node` was seen at (empty: never in contact).
     pub(crate) fn seen_at(&self, node: &NodeId) -> Vec<std::net::IpAddr> {
         lock(&self.seen_at).get(node).cloned().unwrap_or_default()
