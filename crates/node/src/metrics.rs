@@ -17,67 +17,70 @@ pub fn render(node: &Node) -> String {
     let c = &node.inner().counters;
     let ts = node.pool().transports().stats();
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let counters: [(&str, &str, u64); 11] = [
+        (
+            "service_streams_total",
+            "Service streams opened by peers.",
+            load(&c.service_streams),
+        ),
+        (
+            "service_refused_total",
+            "Service streams refused (undeclared service).",
+            load(&c.service_refused),
+        ),
+        (
+            "service_not_allowed_total",
+            "Service streams refused by an allow list.",
+            load(&c.service_not_allowed),
+        ),
+        (
+            "target_failed_total",
+            "Local targets that could not be reached.",
+            load(&c.target_failed),
+        ),
+        (
+            "forward_connections_total",
+            "Local connections accepted by forwards.",
+            load(&c.forward_connections),
+        ),
+        (
+            "forward_failures_total",
+            "Forwarded connections that failed or aborted.",
+            load(&c.forward_failures),
+        ),
+        (
+            "records_accepted_total",
+            "Peer records verified and stored.",
+            load(&c.records_accepted),
+        ),
+        (
+            "records_rejected_total",
+            "Peer records that failed verification.",
+            load(&c.records_rejected),
+        ),
+        (
+            "handshakes_ok_total",
+            "Inbound handshakes completed.",
+            ts.handshakes_ok,
+        ),
+        (
+            "handshakes_failed_total",
+            "Inbound handshakes failed.",
+            ts.handshakes_failed,
+        ),
+        (
+            "handshakes_timed_out_total",
+            "Inbound handshakes timed out.",
+            ts.handshakes_timed_out,
+        ),
+    ];
+    for (name, help, v) in counters {
         let _ = writeln!(
             out,
             "# HELP vx6_{name} {help}\n# TYPE vx6_{name} counter\nvx6_{name} {v}"
         );
-    };
-    counter(
-        "service_streams_total",
-        "Service streams opened by peers.",
-        c.service_streams.load(Ordering::Relaxed),
-    );
-    counter(
-        "service_refused_total",
-        "Service streams refused (undeclared service).",
-        c.service_refused.load(Ordering::Relaxed),
-    );
-    counter(
-        "service_not_allowed_total",
-        "Service streams refused by an allow list.",
-        c.service_not_allowed.load(Ordering::Relaxed),
-    );
-    counter(
-        "target_failed_total",
-        "Local targets that could not be reached.",
-        c.target_failed.load(Ordering::Relaxed),
-    );
-    counter(
-        "forward_connections_total",
-        "Local connections accepted by forwards.",
-        c.forward_connections.load(Ordering::Relaxed),
-    );
-    counter(
-        "forward_failures_total",
-        "Forwarded connections that failed or aborted.",
-        c.forward_failures.load(Ordering::Relaxed),
-    );
-    counter(
-        "records_accepted_total",
-        "Peer records verified and stored.",
-        c.records_accepted.load(Ordering::Relaxed),
-    );
-    counter(
-        "records_rejected_total",
-        "Peer records that failed verification.",
-        c.records_rejected.load(Ordering::Relaxed),
-    );
-    counter(
-        "handshakes_ok_total",
-        "Inbound handshakes completed.",
-        ts.handshakes_ok,
-    );
-    counter(
-        "handshakes_failed_total",
-        "Inbound handshakes failed.",
-        ts.handshakes_failed,
-    );
-    counter(
-        "handshakes_timed_out_total",
-        "Inbound handshakes timed out.",
-        ts.handshakes_timed_out,
-    );
+    }
     let _ = writeln!(
         out,
         "# HELP vx6_channels Live channels.\n# TYPE vx6_channels gauge\nvx6_channels {}",
