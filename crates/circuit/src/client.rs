@@ -20,7 +20,8 @@ use vx6_proto::id::OnionKey;
 use crate::cell::{CellBody, Create, Created};
 use crate::handshake::ClientHandshake;
 use crate::layer::HopKeys;
-use crate::msg::{Direction, RelayMsg, TAG_LEN};
+use crate::layer::{DirLayer, plaintext, plaintext_mut};
+use crate::msg::{Direction, RelayMsg};
 use crate::{CircuitError, Result};
 
 /// Most hops a circuit may have (relays plus the owner).
@@ -219,12 +220,7 @@ impl ClientCircuit {
             return Err(CircuitError::Usage("no such hop"));
         }
         let mut body = CellBody::zeroed(msg.cell_size()?);
-        {
-            let b = body.as_mut_bytes();
-            let plain_len = b.len().saturating_sub(TAG_LEN);
-            let (plain, _) = b.split_at_mut(plain_len);
-            msg.encode_into(plain)?;
-        }
+        msg.encode_into(plaintext_mut(body.as_mut_bytes()))?;
         // From here on counters move: any error is fatal (and cannot happen
         // short of 2^64 cells).
         let hops = self
@@ -263,16 +259,15 @@ impl ClientCircuit {
         let mut origin = None;
         for (i, hop) in self.hops.iter_mut().enumerate() {
             hop.keys.bwd.apply_stream(body.as_mut_bytes())?;
-            if hop.keys.bwd.try_open(body.as_mut_bytes())? {
+            if DirLayer::recognized(body.as_bytes()) {
+                hop.keys.bwd.open(body.as_mut_bytes())?;
                 origin = Some(i);
                 break;
             }
         }
         let i = origin.ok_or(CircuitError::BadCell)?;
         let hop = HopIndex(i as u8);
-        let b = body.as_bytes();
-        let plain = b.get(..b.len().saturating_sub(TAG_LEN)).unwrap_or_default();
-        let msg = RelayMsg::decode_padded(plain)?;
+        let msg = RelayMsg::decode_padded(plaintext(body.as_bytes()))?;
         if !msg.allowed(Direction::Backward) {
             return Err(CircuitError::Protocol(
                 "forward-only message travelling backward",

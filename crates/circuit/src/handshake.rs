@@ -56,6 +56,9 @@ const SERVER: &[u8] = b"server";
 /// Bytes of key material the handshake yields (four 32-byte keys).
 pub const KEY_MATERIAL_LEN: usize = 128;
 
+/// `Sf || Af || Sb || Ab`, zeroized on drop.
+pub(crate) type KeyMaterial = Zeroizing<[u8; KEY_MATERIAL_LEN]>;
+
 /// HMAC-SHA256(key, msg). HKDF-Extract(salt, ikm) is defined as
 /// HMAC-Hash(salt, ikm) (RFC 5869 §2.2), so this is HMAC exactly.
 fn hmac(key: &[u8], msg: &[u8]) -> Zeroizing<[u8; 32]> {
@@ -80,7 +83,7 @@ fn contributory(s: &SharedSecret) -> Result<()> {
 }
 
 /// Both sides' shared computation: from the two DH outputs and the public
-/// transcript to (keys, auth).
+/// transcript to (key material, auth).
 fn derive(
     xy: &SharedSecret,
     xb: &SharedSecret,
@@ -88,7 +91,7 @@ fn derive(
     b: &[u8; 32],
     x_pub: &[u8; 32],
     y_pub: &[u8; 32],
-) -> Result<(HopKeys, Zeroizing<[u8; AUTH_LEN]>)> {
+) -> Result<(KeyMaterial, Zeroizing<[u8; AUTH_LEN]>)> {
     let mut secret_input = Zeroizing::new(Vec::with_capacity(32 * 6 + PROTOID.len()));
     secret_input.extend_from_slice(xy.as_bytes());
     secret_input.extend_from_slice(xb.as_bytes());
@@ -115,7 +118,7 @@ fn derive(
     let mut okm = Zeroizing::new([0u8; KEY_MATERIAL_LEN]);
     hk.expand(T_KEY_EXPAND, okm.as_mut())
         .map_err(|_| CircuitError::Handshake)?;
-    Ok((HopKeys::from_key_material(&okm), auth))
+    Ok((okm, auth))
 }
 
 /// The client's pending half of one handshake: the ephemeral secret and
@@ -173,7 +176,7 @@ impl ClientHandshake {
         let bx = self.x.diffie_hellman(&b);
         contributory(&yx)?;
         contributory(&bx)?;
-        let (keys, auth) = derive(
+        let (okm, auth) = derive(
             &yx,
             &bx,
             &self.relay,
@@ -182,7 +185,7 @@ impl ClientHandshake {
             &created.relay_pk,
         )?;
         if bool::from(auth.as_ref().ct_eq(&created.auth)) {
-            Ok(keys)
+            Ok(HopKeys::from_key_material(&okm))
         } else {
             Err(CircuitError::Handshake)
         }
@@ -198,6 +201,17 @@ pub(crate) fn relay_handshake(
     create: &Create,
     rng: &mut impl FnMut(&mut [u8]),
 ) -> Result<(HopKeys, Created)> {
+    let (okm, created) = relay_key_material(onion_secret, my_id, create, rng)?;
+    Ok((HopKeys::from_key_material(&okm), created))
+}
+
+/// [`relay_handshake`] up to the key material (`Sf || Af || Sb || Ab`).
+pub(crate) fn relay_key_material(
+    onion_secret: &StaticSecret,
+    my_id: &NodeId,
+    create: &Create,
+    rng: &mut impl FnMut(&mut [u8]),
+) -> Result<(KeyMaterial, Created)> {
     match create.htype {
         HandshakeType::NtorV1 => {}
     }
@@ -209,9 +223,9 @@ pub(crate) fn relay_handshake(
     let xb = onion_secret.diffie_hellman(&x);
     contributory(&xy)?;
     contributory(&xb)?;
-    let (keys, auth) = derive(&xy, &xb, my_id, &b_pub, &create.client_pk, &y_pub)?;
+    let (okm, auth) = derive(&xy, &xb, my_id, &b_pub, &create.client_pk, &y_pub)?;
     Ok((
-        keys,
+        okm,
         Created {
             relay_pk: y_pub,
             auth: *auth,

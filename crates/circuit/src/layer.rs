@@ -1,27 +1,32 @@
-//! One hop's onion layer (PROTOCOL.md §9.4): per direction a
-//! ChaCha20 stream key `S` and a ChaCha20-Poly1305 key `A`, each with its own
-//! counter used as the nonce.
+//! One hop's onion layer (PROTOCOL.md §9.4): per direction an AES-256-CTR
+//! stream key `S` and an AES-256-GCM key `A`, each with its own counter.
 //!
 //! - `S` is applied (XOR, length-preserving) to **every** cell that passes
 //!   the hop in that direction; its counter counts those cells.
 //! - `A` seals/opens only the cells **originated by or destined to** the
 //!   hop; its counter counts those cells.
 //!
-//! Nonce for both: `[0u8; 4] || u64_be(counter)`. Keys differ per hop and
-//! per direction, so no (key, nonce) pair is ever used twice. The body is
-//! `ciphertext[len - 16] || tag[16]`, the tag covering the ciphertext with
-//! empty associated data.
+//! A body is `recognized[8] || ciphertext || tag[16]`. `recognized` is zero
+//! in a cell as its origin seals it, so once a hop has removed its stream
+//! layer it can tell "maybe for me" from "for a later hop" with an 8-byte
+//! compare instead of a tag check over the whole cell (a cell for a later
+//! hop is still under that hop's stream layer there: a false match has
+//! probability 2^-64, and then the tag check fails and the circuit ends).
+//!
+//! Nonces: AEAD `[0u8; 4] || u64_be(counter)`; CTR counter block
+//! `[0u8; 4] || u64_be(counter) || u32_be(block)`, blocks from 0. Keys
+//! differ per hop and per direction, so no (key, nonce) pair repeats.
 //!
 //! This module owns the keys and counters and never interprets a message.
 
-use chacha20::ChaCha20;
-use chacha20::cipher::{KeyIvInit, StreamCipher};
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Tag};
-use zeroize::Zeroizing;
+use aes::Aes256;
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Tag};
+use ctr::cipher::{InnerIvInit, StreamCipher, StreamCipherCoreWrapper};
+use ctr::{CtrCore, flavors::Ctr32BE};
 
 use crate::handshake::KEY_MATERIAL_LEN;
-use crate::msg::TAG_LEN;
+use crate::msg::{RECOGNIZED_LEN, TAG_LEN};
 use crate::{CircuitError, Result};
 
 fn nonce(counter: u64) -> [u8; 12] {
@@ -37,23 +42,46 @@ fn next(counter: &mut u64) -> Result<u64> {
     Ok(c)
 }
 
-/// The keys and counters of one hop in one direction.
+/// `recognized || ciphertext || tag` → the three parts, or `BadCell` for a
+/// body too short to hold them (cells are 512 or 8192 bytes; never short).
+fn split(body: &mut [u8]) -> Result<(&mut [u8], &mut [u8], &mut [u8])> {
+    let (rec, rest) = body
+        .split_at_mut_checked(RECOGNIZED_LEN)
+        .ok_or(CircuitError::BadCell)?;
+    let ct_len = rest
+        .len()
+        .checked_sub(TAG_LEN)
+        .ok_or(CircuitError::BadCell)?;
+    let (ct, tag) = rest.split_at_mut(ct_len);
+    Ok((rec, ct, tag))
+}
+
+/// The plaintext region of a body (between `recognized` and the tag).
+pub(crate) fn plaintext(body: &[u8]) -> &[u8] {
+    let end = body.len().saturating_sub(TAG_LEN);
+    body.get(RECOGNIZED_LEN..end).unwrap_or_default()
+}
+
+/// The plaintext region of a body, writable.
+pub(crate) fn plaintext_mut(body: &mut [u8]) -> &mut [u8] {
+    let end = body.len().saturating_sub(TAG_LEN);
+    body.get_mut(RECOGNIZED_LEN..end).unwrap_or_default()
+}
+
+/// The keys and counters of one hop in one direction. Both ciphers zeroize
+/// their key schedules on drop.
 pub(crate) struct DirLayer {
-    stream_key: Zeroizing<[u8; 32]>,
-    aead: ChaCha20Poly1305,
+    stream: Aes256,
+    aead: Aes256Gcm,
     stream_ctr: u64,
     aead_ctr: u64,
 }
 
 impl DirLayer {
-    fn new(stream_key: &[u8], aead_key: &[u8]) -> Self {
-        let mut sk = Zeroizing::new([0u8; 32]);
-        sk.copy_from_slice(stream_key);
-        let mut ak = Zeroizing::new([0u8; 32]);
-        ak.copy_from_slice(aead_key);
+    fn new(stream_key: &[u8; 32], aead_key: &[u8; 32]) -> Self {
         Self {
-            stream_key: sk,
-            aead: ChaCha20Poly1305::new(&(*ak).into()),
+            stream: Aes256::new(stream_key.into()),
+            aead: Aes256Gcm::new(aead_key.into()),
             stream_ctr: 0,
             aead_ctr: 0,
         }
@@ -62,71 +90,50 @@ impl DirLayer {
     /// Adds or removes this hop's stream layer (XOR) and advances the
     /// stream counter.
     pub(crate) fn apply_stream(&mut self, body: &mut [u8]) -> Result<()> {
-        let n = nonce(next(&mut self.stream_ctr)?);
-        let mut c = ChaCha20::new(&(*self.stream_key).into(), &n.into());
-        c.apply_keystream(body);
-        Ok(())
+        let mut iv = [0u8; 16];
+        let (n, _) = iv.split_at_mut(12);
+        n.copy_from_slice(&nonce(next(&mut self.stream_ctr)?));
+        let mut c = StreamCipherCoreWrapper::from_core(CtrCore::<&Aes256, Ctr32BE>::inner_iv_init(
+            &self.stream,
+            &iv.into(),
+        ));
+        c.try_apply_keystream(body)
+            .map_err(|_| CircuitError::Usage("cell too long for the stream layer"))
     }
 
-    /// Encrypts `body[..len-16]` in place and writes the tag into the last
-    /// 16 bytes; advances the AEAD counter.
+    /// Whether `body`, with this hop's stream layer removed, carries the
+    /// zero `recognized` field of a cell sealed for this hop.
+    pub(crate) fn recognized(body: &[u8]) -> bool {
+        body.get(..RECOGNIZED_LEN)
+            .is_some_and(|r| r.iter().all(|&b| b == 0))
+    }
+
+    /// Zeroes `recognized`, encrypts the plaintext region in place, writes
+    /// the tag into the last 16 bytes and advances the AEAD counter.
     pub(crate) fn seal(&mut self, body: &mut [u8]) -> Result<()> {
-        let split = body.len().saturating_sub(TAG_LEN);
-        let (plain, tag_out) = body.split_at_mut(split);
-        let n = nonce(self.aead_ctr);
+        let (rec, plain, tag_out) = split(body)?;
+        rec.fill(0);
+        let n = nonce(next(&mut self.aead_ctr)?);
         let tag = self
             .aead
             .encrypt_inout_detached(&n.into(), &[], plain.into())
             .map_err(|_| CircuitError::Usage("cell too long for the AEAD"))?;
         tag_out.copy_from_slice(&tag);
-        next(&mut self.aead_ctr)?;
         Ok(())
     }
 
-    /// Tries to authenticate and decrypt `body` with the current AEAD
-    /// counter. On success the plaintext is in `body[..len-16]`, the counter
-    /// advances and `true` is returned. On failure `body` is unchanged (the
-    /// AEAD verifies before it decrypts; the layering tests depend on this)
-    /// and the counter does not move.
-    pub(crate) fn try_open(&mut self, body: &mut [u8]) -> Result<bool> {
-        let split = body.len().saturating_sub(TAG_LEN);
-        let (ct, tag) = body.split_at_mut(split);
+    /// Authenticates and decrypts a recognized body with the current AEAD
+    /// counter; the plaintext is then in [`plaintext`]. Failure is
+    /// [`CircuitError::BadCell`] (fatal: the body is not restored).
+    pub(crate) fn open(&mut self, body: &mut [u8]) -> Result<()> {
+        let (_, ct, tag) = split(body)?;
         let tag = Tag::try_from(&*tag).map_err(|_| CircuitError::BadCell)?;
         let n = nonce(self.aead_ctr);
-        match self
-            .aead
+        self.aead
             .decrypt_inout_detached(&n.into(), &[], ct.into(), &tag)
-        {
-            Ok(()) => {
-                next(&mut self.aead_ctr)?;
-                Ok(true)
-            }
-            Err(_) => Ok(false),
-        }
-    }
-
-    #[cfg(test)]
-    fn same_keys_as(&self, o: &DirLayer) -> bool {
-        *self.stream_key == *o.stream_key && {
-            // Compare AEAD keys by behaviour: seal the same input.
-            let a = self.aead.clone();
-            let b = o.aead.clone();
-            let mut x = [0u8; 32];
-            let mut y = [0u8; 32];
-            let ta = AeadInOut::encrypt_inout_detached(
-                &a,
-                &nonce(0).into(),
-                &[],
-                x.as_mut_slice().into(),
-            );
-            let tb = AeadInOut::encrypt_inout_detached(
-                &b,
-                &nonce(0).into(),
-                &[],
-                y.as_mut_slice().into(),
-            );
-            ta.ok() == tb.ok() && x == y
-        }
+            .map_err(|_| CircuitError::BadCell)?;
+        next(&mut self.aead_ctr)?;
+        Ok(())
     }
 }
 
@@ -145,20 +152,36 @@ impl std::fmt::Debug for HopKeys {
 
 impl HopKeys {
     pub(crate) fn from_key_material(okm: &[u8; KEY_MATERIAL_LEN]) -> Self {
-        let (f, b) = okm.split_at(64);
-        let (sf, af) = f.split_at(32);
-        let (sb, ab) = b.split_at(32);
+        let (keys, _) = okm.as_chunks::<32>();
+        let [sf, af, sb, ab] = keys else {
+            unreachable!("KEY_MATERIAL_LEN is four 32-byte keys")
+        };
         Self {
             fwd: DirLayer::new(sf, af),
             bwd: DirLayer::new(sb, ab),
         }
     }
 
+    /// Whether both hold the same keys, compared by what they produce.
     #[cfg(test)]
     pub(crate) fn same_keys_as(&self, o: &HopKeys) -> bool {
-        self.fwd.same_keys_as(&o.fwd) && self.bwd.same_keys_as(&o.bwd)
+        fn sample(d: &DirLayer) -> Vec<u8> {
+            let mut fresh = DirLayer {
+                stream: d.stream.clone(),
+                aead: d.aead.clone(),
+                stream_ctr: 0,
+                aead_ctr: 0,
+            };
+            let mut body = vec![0u8; 64];
+            fresh.seal(&mut body).unwrap();
+            fresh.apply_stream(&mut body).unwrap();
+            body
+        }
+        sample(&self.fwd) == sample(&o.fwd) && sample(&self.bwd) == sample(&o.bwd)
     }
 }
+
+const _: () = assert!(KEY_MATERIAL_LEN == 4 * 32);
 
 #[cfg(test)]
 mod tests {
@@ -179,21 +202,42 @@ mod tests {
         for i in 0..100u8 {
             let mut body = vec![i; 512];
             a.fwd.seal(&mut body).unwrap();
-            assert_ne!(&body[..496], &[i; 496][..]);
-            assert!(b.fwd.try_open(&mut body).unwrap());
-            assert_eq!(&body[..496], &[i; 496][..]);
+            assert!(DirLayer::recognized(&body));
+            assert_ne!(plaintext(&body), &[i; 512 - 24][..]);
+            b.fwd.open(&mut body).unwrap();
+            assert_eq!(plaintext(&body), &[i; 512 - 24][..]);
         }
-        // Out of step: sealed with counter 100, opened with 101 fails and
-        // leaves the body and the counter alone.
+        // Out of step: sealed with counter 100, opened with 101 fails.
         let mut body = vec![0; 512];
         a.fwd.seal(&mut body).unwrap();
         let mut skipped = vec![0; 512];
         a.fwd.seal(&mut skipped).unwrap();
-        let before = skipped.clone();
-        assert!(!b.fwd.try_open(&mut skipped).unwrap());
-        assert_eq!(skipped, before);
-        assert!(b.fwd.try_open(&mut body).unwrap());
-        assert!(b.fwd.try_open(&mut skipped).unwrap());
+        assert_eq!(b.fwd.open(&mut skipped), Err(CircuitError::BadCell));
+        b.fwd.open(&mut body).unwrap();
+    }
+
+    #[test]
+    fn every_flipped_bit_fails_the_tag() {
+        let mut a = keys(6);
+        for byte in [8usize, 9, 100, 495, 496, 511] {
+            let mut b = keys(6);
+            let mut body = vec![3u8; 512];
+            a.fwd.seal(&mut body).unwrap();
+            body[byte] ^= 0x10;
+            // Keep b's counter in step with a's.
+            for _ in 0..b_counter_gap(&a, &b) {
+                b.fwd.aead_ctr += 1;
+            }
+            assert_eq!(
+                b.fwd.open(&mut body),
+                Err(CircuitError::BadCell),
+                "byte {byte}"
+            );
+        }
+    }
+
+    fn b_counter_gap(a: &HopKeys, b: &HopKeys) -> u64 {
+        a.fwd.aead_ctr - 1 - b.fwd.aead_ctr
     }
 
     #[test]
@@ -214,11 +258,47 @@ mod tests {
     }
 
     #[test]
-    fn directions_and_kinds_use_different_keys() {
-        let k = keys(3);
-        assert!(*k.fwd.stream_key != *k.bwd.stream_key);
-        assert!(!k.fwd.same_keys_as(&k.bwd));
-        assert!(!keys(3).same_keys_as(&keys(4)));
+    fn stream_layer_is_standard_aes_ctr() {
+        // FIPS-197 C.3 / SP 800-38A F.5.5: AES-256 with key 00..1f; the
+        // first keystream block is AES(key, counter block 0).
+        let mut okm = [0u8; KEY_MATERIAL_LEN];
+        for (i, b) in okm.iter_mut().take(32).enumerate() {
+            *b = i as u8;
+        }
+        let mut k = HopKeys::from_key_material(&okm);
+        let mut block = [0u8; 16];
+        k.fwd.apply_stream(&mut block).unwrap();
+        use aes::cipher::BlockCipherEncrypt;
+        let mut expect = aes::Block::default();
+        Aes256::new(
+            (&{
+                let mut key = [0u8; 32];
+                for (i, b) in key.iter_mut().enumerate() {
+                    *b = i as u8;
+                }
+                key
+            })
+                .into(),
+        )
+        .encrypt_block(&mut expect);
+        assert_eq!(block, <[u8; 16]>::from(expect));
+    }
+
+    #[test]
+    fn directions_and_hops_use_different_keys() {
+        let mut k = keys(3);
+        let (mut f, mut b) = ([0u8; 64], [0u8; 64]);
+        k.fwd.apply_stream(&mut f).unwrap();
+        k.bwd.apply_stream(&mut b).unwrap();
+        assert_ne!(f, b);
+        let mut other = keys(4);
+        let mut o = [0u8; 64];
+        other.fwd.apply_stream(&mut o).unwrap();
+        assert_ne!(f, o);
+        // A cell sealed for one direction does not open in the other.
+        let mut body = vec![0u8; 512];
+        k.fwd.seal(&mut body).unwrap();
+        assert_eq!(k.bwd.open(&mut body), Err(CircuitError::BadCell));
     }
 
     #[test]
@@ -227,6 +307,11 @@ mod tests {
         k.fwd.stream_ctr = u64::MAX;
         assert_eq!(
             k.fwd.apply_stream(&mut [0u8; 512]).unwrap_err(),
+            CircuitError::CounterExhausted
+        );
+        k.fwd.aead_ctr = u64::MAX;
+        assert_eq!(
+            k.fwd.seal(&mut [0u8; 512]).unwrap_err(),
             CircuitError::CounterExhausted
         );
     }

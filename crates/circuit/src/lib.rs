@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod msg;
 pub mod path;
 pub mod relay;
+pub mod vectors;
 
 mod error;
 mod layer;
@@ -21,7 +22,10 @@ pub use cell::{
 pub use client::{ClientCircuit, HopIndex, MAX_HOPS, PendingCreate};
 pub use error::{CircuitError, Result};
 pub use flow::{RecvWindow, SendWindow};
-pub use msg::{Direction, FlowScope, LARGE_DATA_MAX, RelayMsg, SMALL_DATA_MAX};
+pub use msg::{
+    BODY_OVERHEAD, Direction, FlowScope, LARGE_DATA_MAX, RECOGNIZED_LEN, RelayMsg, SMALL_DATA_MAX,
+    TAG_LEN,
+};
 pub use relay::{Forward, NextHop, RelayHop};
 
 /// Builds an onion keypair from a seed, for tests and simulations that

@@ -19,14 +19,18 @@ use vx6_proto::name::{MAX_NAME_LEN, ServiceName};
 use crate::cell::{CellSize, Create, Created, Reason};
 use crate::{CircuitError, Result};
 
+/// Bytes of the "recognized" field at the start of every cell body.
+pub const RECOGNIZED_LEN: usize = 8;
 /// Bytes of the AEAD tag at the end of every cell body.
 pub const TAG_LEN: usize = 16;
+/// Bytes of a body that are not plaintext: `recognized` and the tag.
+pub const BODY_OVERHEAD: usize = RECOGNIZED_LEN + TAG_LEN;
 /// Bytes of the plaintext header `u8 cmd | u32 stream | u16 len`.
 pub const MSG_HEADER_LEN: usize = 7;
-/// Most `data` bytes a small cell holds (489).
-pub const SMALL_DATA_MAX: usize = CellSize::SMALL_LEN - TAG_LEN - MSG_HEADER_LEN;
-/// Most `data` bytes a large cell holds (8169); the largest DATA message.
-pub const LARGE_DATA_MAX: usize = CellSize::LARGE_LEN - TAG_LEN - MSG_HEADER_LEN;
+/// Most `data` bytes a small cell holds (481).
+pub const SMALL_DATA_MAX: usize = CellSize::SMALL_LEN - BODY_OVERHEAD - MSG_HEADER_LEN;
+/// Most `data` bytes a large cell holds (8161); the largest DATA message.
+pub const LARGE_DATA_MAX: usize = CellSize::LARGE_LEN - BODY_OVERHEAD - MSG_HEADER_LEN;
 
 /// Which way a message travels along the circuit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -384,7 +388,7 @@ mod tests {
     }
 
     fn encode(m: &RelayMsg) -> Vec<u8> {
-        let mut out = vec![0xAA; m.cell_size().unwrap().body_len() - TAG_LEN];
+        let mut out = vec![0xAA; m.cell_size().unwrap().body_len() - BODY_OVERHEAD];
         m.encode_into(&mut out).unwrap();
         out
     }
@@ -402,8 +406,8 @@ mod tests {
             };
             assert_eq!(m.cell_size().unwrap(), want, "{m:?}");
         }
-        assert_eq!(SMALL_DATA_MAX, 489);
-        assert_eq!(LARGE_DATA_MAX, 8169);
+        assert_eq!(SMALL_DATA_MAX, 481);
+        assert_eq!(LARGE_DATA_MAX, 8161);
     }
 
     #[test]
@@ -463,7 +467,7 @@ mod tests {
 
     #[test]
     fn rejects_unsendable() {
-        let mut out = vec![0; CellSize::LARGE_LEN - TAG_LEN];
+        let mut out = vec![0; CellSize::LARGE_LEN - BODY_OVERHEAD];
         for m in [
             RelayMsg::Data {
                 stream: StreamId(0),
@@ -495,7 +499,7 @@ mod tests {
             Err(CircuitError::TooLarge { .. })
         ));
         // A large message into a small plaintext buffer.
-        let mut small = vec![0; CellSize::SMALL_LEN - TAG_LEN];
+        let mut small = vec![0; CellSize::SMALL_LEN - BODY_OVERHEAD];
         let m = RelayMsg::Data {
             stream: StreamId(1),
             data: vec![0; SMALL_DATA_MAX + 1],
@@ -531,7 +535,7 @@ mod tests {
             if let Ok(m) = RelayMsg::decode_padded(&p)
                 && let Ok(size) = m.cell_size()
             {
-                let mut out = vec![0; size.body_len() - TAG_LEN];
+                let mut out = vec![0; size.body_len() - BODY_OVERHEAD];
                 m.encode_into(&mut out).unwrap();
                 // Same message bytes; only the amount of zero padding differs.
                 prop_assert_eq!(&out[..p.len().min(out.len())], &p[..p.len().min(out.len())]);

@@ -2,8 +2,9 @@
 //! onion layer and whether it has a next hop. The owner of a service is a
 //! relay hop too — the last one.
 //!
-//! Forward, every cell loses this hop's stream layer; then the hop tries its
-//! AEAD. Success: the cell was for this hop ([`Forward::ForMe`]). Failure:
+//! Forward, every cell loses this hop's stream layer; then the hop looks at
+//! its `recognized` field. Zero: the cell is for this hop, and its AEAD must
+//! open it ([`Forward::ForMe`]; a failed tag ends the circuit). Otherwise
 //! the cell is for a later hop and goes to the next hop unchanged
 //! ([`Forward::Next`]) — or, when there is no next hop, it is an attack and
 //! the circuit is torn down. Backward, cells from the next hop gain this
@@ -23,8 +24,8 @@ use vx6_proto::NodeId;
 
 use crate::cell::{CellBody, Create, Created, Reason};
 use crate::handshake::relay_handshake;
-use crate::layer::HopKeys;
-use crate::msg::{Direction, RelayMsg, TAG_LEN};
+use crate::layer::{DirLayer, HopKeys, plaintext, plaintext_mut};
+use crate::msg::{Direction, RelayMsg};
 use crate::{CircuitError, Result};
 
 /// What a relay hop knows about the hop after it.
@@ -133,15 +134,14 @@ impl RelayHop {
 
     fn forward_inner(&mut self, mut body: CellBody) -> Result<Forward> {
         self.keys.fwd.apply_stream(body.as_mut_bytes())?;
-        if !self.keys.fwd.try_open(body.as_mut_bytes())? {
+        if !DirLayer::recognized(body.as_bytes()) {
             return match self.next {
                 NextHop::Attached => Ok(Forward::Next(body)),
                 NextHop::None | NextHop::Extending => Err(CircuitError::BadCell),
             };
         }
-        let b = body.as_bytes();
-        let plain = b.get(..b.len().saturating_sub(TAG_LEN)).unwrap_or_default();
-        let msg = RelayMsg::decode_padded(plain)?;
+        self.keys.fwd.open(body.as_mut_bytes())?;
+        let msg = RelayMsg::decode_padded(plaintext(body.as_bytes()))?;
         if !msg.allowed(Direction::Forward) {
             return Err(CircuitError::Protocol(
                 "backward-only message travelling forward",
@@ -200,12 +200,7 @@ impl RelayHop {
 
     fn seal_backward(&mut self, msg: &RelayMsg) -> Result<CellBody> {
         let mut body = CellBody::zeroed(msg.cell_size()?);
-        {
-            let b = body.as_mut_bytes();
-            let plain_len = b.len().saturating_sub(TAG_LEN);
-            let (plain, _) = b.split_at_mut(plain_len);
-            msg.encode_into(plain)?;
-        }
+        msg.encode_into(plaintext_mut(body.as_mut_bytes()))?;
         self.keys.bwd.seal(body.as_mut_bytes())?;
         self.keys.bwd.apply_stream(body.as_mut_bytes())?;
         Ok(body)
