@@ -227,11 +227,13 @@ impl ClientCircuit {
             .hops
             .get_mut(..=to.index())
             .ok_or(CircuitError::Usage("no such hop"))?;
-        let (dest, _) = hops
+        let (dest, before) = hops
             .split_last_mut()
             .ok_or(CircuitError::Usage("no such hop"))?;
+        // The destination's own stream layer is left off: the AEAD already
+        // encrypts the cell for it, and it checks `recognized` first.
         dest.keys.fwd.seal(body.as_mut_bytes())?;
-        for hop in hops.iter_mut().rev() {
+        for hop in before.iter_mut().rev() {
             hop.keys.fwd.apply_stream(body.as_mut_bytes())?;
         }
         Ok(body)
@@ -258,12 +260,12 @@ impl ClientCircuit {
     fn open_inner(&mut self, mut body: CellBody) -> Result<(HopIndex, RelayMsg)> {
         let mut origin = None;
         for (i, hop) in self.hops.iter_mut().enumerate() {
-            hop.keys.bwd.apply_stream(body.as_mut_bytes())?;
             if DirLayer::recognized(body.as_bytes()) {
                 hop.keys.bwd.open(body.as_mut_bytes())?;
                 origin = Some(i);
                 break;
             }
+            hop.keys.bwd.apply_stream(body.as_mut_bytes())?;
         }
         let i = origin.ok_or(CircuitError::BadCell)?;
         let hop = HopIndex(i as u8);

@@ -7,11 +7,12 @@
 //!   hop; its counter counts those cells.
 //!
 //! A body is `recognized[8] || ciphertext || tag[16]`. `recognized` is zero
-//! in a cell as its origin seals it, so once a hop has removed its stream
-//! layer it can tell "maybe for me" from "for a later hop" with an 8-byte
-//! compare instead of a tag check over the whole cell (a cell for a later
-//! hop is still under that hop's stream layer there: a false match has
-//! probability 2^-64, and then the tag check fails and the circuit ends).
+//! in a cell as its origin seals it, and the origin applies the stream
+//! layers of the hops *between* it and the destination only, so a hop can
+//! tell "for me" from "for a later hop" with an 8-byte compare before it
+//! touches the cell (a cell for a later hop is still under this hop's stream
+//! layer: a false match has probability 2^-64, and then the tag check fails
+//! and the circuit ends).
 //!
 //! Nonces: AEAD `[0u8; 4] || u64_be(counter)`; CTR counter block
 //! `[0u8; 4] || u64_be(counter) || u32_be(block)`, blocks from 0. Keys
@@ -101,8 +102,8 @@ impl DirLayer {
             .map_err(|_| CircuitError::Usage("cell too long for the stream layer"))
     }
 
-    /// Whether `body`, with this hop's stream layer removed, carries the
-    /// zero `recognized` field of a cell sealed for this hop.
+    /// Whether `body`, as it reaches this hop, carries the zero
+    /// `recognized` field of a cell sealed for this hop.
     pub(crate) fn recognized(body: &[u8]) -> bool {
         body.get(..RECOGNIZED_LEN)
             .is_some_and(|r| r.iter().all(|&b| b == 0))

@@ -2,14 +2,14 @@
 //! onion layer and whether it has a next hop. The owner of a service is a
 //! relay hop too — the last one.
 //!
-//! Forward, every cell loses this hop's stream layer; then the hop looks at
-//! its `recognized` field. Zero: the cell is for this hop, and its AEAD must
-//! open it ([`Forward::ForMe`]; a failed tag ends the circuit). Otherwise
-//! the cell is for a later hop and goes to the next hop unchanged
+//! Forward, the hop first looks at the cell's `recognized` field. Zero: the
+//! cell is for this hop, and its AEAD must open it ([`Forward::ForMe`]; a
+//! failed tag ends the circuit). Otherwise the cell is for a later hop: it
+//! loses this hop's stream layer and goes to the next hop
 //! ([`Forward::Next`]) — or, when there is no next hop, it is an attack and
 //! the circuit is torn down. Backward, cells from the next hop gain this
-//! hop's stream layer; cells this hop originates are sealed with its AEAD and
-//! then layered.
+//! hop's stream layer; cells this hop originates are sealed with its AEAD
+//! only.
 //!
 //! This module never opens a connection and never decides policy: an EXTEND
 //! is handed to the driver, which resolves the next hop from its own registry
@@ -42,7 +42,7 @@ pub enum NextHop {
 /// The result of [`RelayHop::handle_forward`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Forward {
-    /// Not for this hop: send this body, unchanged, as a RELAY cell to the next hop.
+    /// Not for this hop: send this body (its layer removed) as a RELAY cell to the next hop.
     Next(CellBody),
     /// For this hop. An [`RelayMsg::Extend`] has already moved the hop to
     /// [`NextHop::Extending`].
@@ -133,10 +133,12 @@ impl RelayHop {
     }
 
     fn forward_inner(&mut self, mut body: CellBody) -> Result<Forward> {
-        self.keys.fwd.apply_stream(body.as_mut_bytes())?;
         if !DirLayer::recognized(body.as_bytes()) {
             return match self.next {
-                NextHop::Attached => Ok(Forward::Next(body)),
+                NextHop::Attached => {
+                    self.keys.fwd.apply_stream(body.as_mut_bytes())?;
+                    Ok(Forward::Next(body))
+                }
                 NextHop::None | NextHop::Extending => Err(CircuitError::BadCell),
             };
         }
@@ -202,7 +204,6 @@ impl RelayHop {
         let mut body = CellBody::zeroed(msg.cell_size()?);
         msg.encode_into(plaintext_mut(body.as_mut_bytes()))?;
         self.keys.bwd.seal(body.as_mut_bytes())?;
-        self.keys.bwd.apply_stream(body.as_mut_bytes())?;
         Ok(body)
     }
 

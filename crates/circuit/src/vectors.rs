@@ -2,18 +2,19 @@
 //! §9.3–§9.5, so that the document cannot drift from it
 //! (`crates/circuit/tests/vectors.rs` checks every `circuit-vector` line).
 //!
-//! Fixed inputs: the relay's onion secret is 32 bytes of `0x22`, its node id
-//! 32 bytes of `0x33`; the client's ephemeral secret is 32 bytes of `0x11`,
-//! the relay's 32 bytes of `0x44`.
+//! A two-hop circuit with fixed inputs. Hop 1: onion secret 32 bytes `0x22`,
+//! node id 32 bytes `0x33`, client ephemeral `0x11…`, relay ephemeral
+//! `0x44…`. Hop 2: onion secret `0x55…`, node id `0x66…`, client ephemeral
+//! `0x77…`, relay ephemeral `0x88…`.
 
 use vx6_proto::NodeId;
 use vx6_proto::link::StreamId;
 
 use crate::client::{ClientCircuit, HopIndex};
 use crate::handshake::relay_key_material;
-use crate::msg::{FlowScope, RelayMsg};
-use crate::relay::RelayHop;
-use crate::{Result, onion_keypair_from_seed};
+use crate::relay::{Forward, RelayHop};
+use crate::{CircuitError, Result, onion_keypair_from_seed};
+use crate::{cell::CellBody, msg::RelayMsg};
 
 /// One vector: its name in the document and its bytes.
 #[derive(Debug)]
@@ -26,28 +27,41 @@ fn fill(byte: u8) -> impl FnMut(&mut [u8]) {
     move |b: &mut [u8]| b.fill(byte)
 }
 
-/// Every vector, in the order PROTOCOL.md lists them.
-pub fn generate() -> Result<Vec<Vector>> {
-    let (b, onion_key) = onion_keypair_from_seed([0x22; 32]);
-    let id = NodeId::from_bytes([0x33; 32]);
-    let (pending, create) = ClientCircuit::begin_create(id, &onion_key, &mut fill(0x11));
-    let (okm, created) = relay_key_material(&b, &id, &create, &mut fill(0x44))?;
-    let (mut hop, _) = RelayHop::handle_create(&b, &id, &create, &mut fill(0x44))?;
+/// The circuit behind the vectors: the client and its two hops, built,
+/// plus what the build put on the wire.
+pub struct Fixture {
+    pub client: ClientCircuit,
+    pub hop1: RelayHop,
+    pub hop2: RelayHop,
+    build: Vec<Vector>,
+}
+
+/// Builds the two-hop circuit of the vectors.
+pub fn fixture() -> Result<Fixture> {
+    let (b1, key1) = onion_keypair_from_seed([0x22; 32]);
+    let id1 = NodeId::from_bytes([0x33; 32]);
+    let (b2, key2) = onion_keypair_from_seed([0x55; 32]);
+    let id2 = NodeId::from_bytes([0x66; 32]);
+
+    let (pending, create) = ClientCircuit::begin_create(id1, &key1, &mut fill(0x11));
+    let (okm, created) = relay_key_material(&b1, &id1, &create, &mut fill(0x44))?;
+    let (mut hop1, _) = RelayHop::handle_create(&b1, &id1, &create, &mut fill(0x44))?;
     let mut client = pending.complete(&created)?;
-    let stream = StreamId(1);
-    let first = client.seal(
-        HopIndex(0),
-        &RelayMsg::Data {
-            stream,
-            data: b"hello".to_vec(),
-        },
-    )?;
-    let second = client.seal(HopIndex(0), &RelayMsg::Sendme(FlowScope::Circuit))?;
-    let back = hop.originate(&RelayMsg::Connected { stream })?;
-    Ok(vec![
+
+    let extend = client.extend_to(id2, &key2, &mut fill(0x77))?;
+    let Forward::ForMe(RelayMsg::Extend { create: c2, .. }) =
+        hop1.handle_forward(extend.clone())?
+    else {
+        return Err(CircuitError::Protocol("hop 1 did not take the EXTEND"));
+    };
+    let (hop2, created2) = RelayHop::handle_create(&b2, &id2, &c2, &mut fill(0x88))?;
+    let extended = hop1.extend_succeeded(&created2)?;
+    client.open(extended.clone())?;
+
+    let build = vec![
         Vector {
             name: "circuit-onion-key",
-            bytes: onion_key.0.to_vec(),
+            bytes: key1.0.to_vec(),
         },
         Vector {
             name: "circuit-create",
@@ -62,18 +76,51 @@ pub fn generate() -> Result<Vec<Vector>> {
             bytes: okm.to_vec(),
         },
         Vector {
-            name: "circuit-forward-cell-0",
-            bytes: first.into_vec(),
+            name: "circuit-extend-cell",
+            bytes: extend.into_vec(),
         },
         Vector {
-            name: "circuit-forward-cell-1",
-            bytes: second.into_vec(),
+            name: "circuit-extended-cell",
+            bytes: extended.into_vec(),
         },
-        Vector {
-            name: "circuit-backward-cell-0",
-            bytes: back.into_vec(),
-        },
-    ])
+    ];
+    Ok(Fixture {
+        client,
+        hop1,
+        hop2,
+        build,
+    })
+}
+
+/// The DATA message of `circuit-forward-cell`.
+pub fn forward_message() -> RelayMsg {
+    RelayMsg::Data {
+        stream: StreamId(1),
+        data: b"hello".to_vec(),
+    }
+}
+
+/// Every vector, in the order PROTOCOL.md lists them.
+pub fn generate() -> Result<Vec<Vector>> {
+    let Fixture {
+        mut client,
+        mut hop1,
+        mut hop2,
+        mut build,
+    } = fixture()?;
+    let forward = client.seal(HopIndex(1), &forward_message())?;
+    let back: CellBody = hop1.handle_backward(hop2.originate(&RelayMsg::Connected {
+        stream: StreamId(1),
+    })?)?;
+    build.push(Vector {
+        name: "circuit-forward-cell",
+        bytes: forward.into_vec(),
+    });
+    build.push(Vector {
+        name: "circuit-backward-cell",
+        bytes: back.into_vec(),
+    });
+    Ok(build)
 }
 
 /// Lowercase hex, as the document writes bytes.
@@ -84,23 +131,44 @@ pub fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cell::{CellBody, Create};
-    use crate::relay::Forward;
+
+    fn named(v: &[Vector], name: &str) -> Vec<u8> {
+        v.iter().find(|x| x.name == name).unwrap().bytes.clone()
+    }
 
     #[test]
-    fn vectors_are_what_the_hop_accepts() {
+    fn vectors_mean_what_the_document_says() {
         let v = generate().unwrap();
-        let (b, _) = onion_keypair_from_seed([0x22; 32]);
-        let id = NodeId::from_bytes([0x33; 32]);
-        let create = Create::decode(&v[1].bytes).unwrap();
-        let (mut hop, _) = RelayHop::handle_create(&b, &id, &create, &mut fill(0x44)).unwrap();
-        let cell = CellBody::from_vec(v[4].bytes.clone()).unwrap();
+        // The forward cell: hop 1 removes its layer and passes it on; hop 2
+        // recognizes it and opens the DATA.
+        let Fixture {
+            mut client,
+            mut hop1,
+            mut hop2,
+            ..
+        } = fixture().unwrap();
+        let cell = CellBody::from_vec(named(&v, "circuit-forward-cell")).unwrap();
+        let Forward::Next(at2) = hop1.handle_forward(cell).unwrap() else {
+            panic!("hop 1 must pass the cell on")
+        };
         assert_eq!(
-            hop.handle_forward(cell).unwrap(),
-            Forward::ForMe(RelayMsg::Data {
-                stream: StreamId(1),
-                data: b"hello".to_vec()
-            })
+            hop2.handle_forward(at2).unwrap(),
+            Forward::ForMe(forward_message())
         );
+        // The backward cell opens at the client as hop 2's CONNECTED.
+        let back = CellBody::from_vec(named(&v, "circuit-backward-cell")).unwrap();
+        assert_eq!(
+            client.open(back).unwrap(),
+            (
+                HopIndex(1),
+                RelayMsg::Connected {
+                    stream: StreamId(1)
+                }
+            )
+        );
+        // A cell for a hop starts with eight zero bytes only where that hop
+        // sees it: the EXTEND (for hop 1) on the wire, not the cell for hop 2.
+        assert_eq!(named(&v, "circuit-extend-cell")[..8], [0u8; 8]);
+        assert_ne!(named(&v, "circuit-forward-cell")[..8], [0u8; 8]);
     }
 }
