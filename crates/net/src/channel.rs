@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use vx6_proto::NodeId;
 use vx6_proto::link::{
@@ -1041,14 +1041,14 @@ async fn reader_task(
     accept_tx: mpsc::Sender<IncomingStream>,
     circ_tx: mpsc::Sender<IncomingCircuit>,
 ) {
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut rd = FrameReader::new(rd);
     let mut closed = shared.closed.subscribe();
     let mut chan_received = 0u64;
     loop {
         let idle = shared.cfg.idle_timeout;
         let frame = tokio::select! {
             _ = closed.wait_for(|c| *c) => break,
-            r = tokio::time::timeout(idle, read_frame(&mut rd)) => r,
+            r = tokio::time::timeout(idle, rd.next()) => r,
         };
         let (hdr, payload) = match frame {
             Err(_) => {
@@ -1295,18 +1295,89 @@ enum ReadError {
     Bad(&'static str),
 }
 
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut R,
-) -> std::result::Result<(FrameHeader, Bytes), ReadError> {
-    let mut h = [0u8; FRAME_HEADER_LEN];
-    rd.read_exact(&mut h).await.map_err(|_| ReadError::Io)?;
-    // Checks the length against the command's maximum before allocating.
-    let hdr = FrameHeader::decode(&h).map_err(|_| ReadError::Bad("malformed frame header"))?;
-    let mut payload = BytesMut::zeroed(hdr.len as usize);
-    rd.read_exact(&mut payload)
-        .await
-        .map_err(|_| ReadError::Io)?;
-    Ok((hdr, payload.freeze()))
+/// Reads frames out of large socket reads into one reused buffer; each
+/// payload gets its own allocation of exactly its size (one copy, no
+/// zeroing), so a payload can be owned and changed in place downstream
+/// (relay cells are) and never keeps a read buffer alive.
+struct FrameReader<R> {
+    rd: R,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// Size of the reused read buffer.
+const READ_BUF: usize = 64 * 1024;
+/// Payloads below this are copied into the write batch; larger ones are
+/// written from where they are.
+const COPY_BELOW: usize = 1024;
+
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    fn new(rd: R) -> Self {
+        Self {
+            rd,
+            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        self.buf.get(self.start..self.end).unwrap_or_default()
+    }
+
+    /// Reads more into the buffer (after moving a partial header to its
+    /// front); `Io` at end of stream.
+    async fn fill(&mut self) -> std::result::Result<(), ReadError> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let spare = self.buf.get_mut(self.end..).unwrap_or_default();
+        match self.rd.read(spare).await {
+            Ok(n) if n > 0 => {
+                self.end += n;
+                Ok(())
+            }
+            _ => Err(ReadError::Io),
+        }
+    }
+
+    /// The next frame; `Io` at end of stream or on a socket error. The
+    /// header (and its length against the command's maximum) is checked
+    /// before anything is allocated for the payload.
+    async fn next(&mut self) -> std::result::Result<(FrameHeader, Bytes), ReadError> {
+        let hdr = loop {
+            if let Some(h) = self.buffered().first_chunk::<FRAME_HEADER_LEN>() {
+                break FrameHeader::decode(h)
+                    .map_err(|_| ReadError::Bad("malformed frame header"))?;
+            }
+            self.fill().await?;
+        };
+        self.start += FRAME_HEADER_LEN;
+        let len = hdr.len as usize;
+        let have = self.buffered().len().min(len);
+        let mut payload = Vec::with_capacity(len);
+        payload.extend_from_slice(self.buffered().get(..have).unwrap_or_default());
+        self.start += have;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        // The rest of a frame that straddles reads goes straight into it.
+        while payload.len() < len {
+            let n = (&mut self.rd)
+                .take((len - payload.len()) as u64)
+                .read_buf(&mut payload)
+                .await
+                .map_err(|_| ReadError::Io)?;
+            if n == 0 {
+                return Err(ReadError::Io);
+            }
+        }
+        Ok((hdr, Bytes::from(payload)))
+    }
 }
 
 async fn writer_task(
@@ -1315,7 +1386,7 @@ async fn writer_task(
     mut ordered_rx: mpsc::UnboundedReceiver<Frame>,
     mut ctrl_rx: mpsc::UnboundedReceiver<Frame>,
 ) {
-    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_DATA_PAYLOAD + FRAME_HEADER_LEN);
+    let mut buf = WriteBuf::default();
     let mut closed = shared.closed.subscribe();
     let period = shared.cfg.keepalive;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -1353,7 +1424,7 @@ async fn writer_task(
         }
         let written = {
             let write = async {
-                wr.write_all(&buf).await?;
+                buf.write_to(&mut wr).await?;
                 wr.flush().await
             };
             tokio::pin!(write);
@@ -1397,14 +1468,13 @@ async fn writer_task(
         buf.clear();
         while let Ok(f) = ctrl_rx.try_recv() {
             if f.hdr.cmd == Cmd::GoAway {
-                buf.extend_from_slice(&f.hdr.encode());
-                buf.extend_from_slice(&f.payload);
+                buf.push(&f.hdr, f.payload);
                 break;
             }
         }
-        if !buf.is_empty() {
+        if buf.len() > 0 {
             let write = async {
-                wr.write_all(&buf).await?;
+                buf.write_to(&mut wr).await?;
                 wr.flush().await
             };
             let _ = tokio::time::timeout(CLOSE_GRACE, write).await;
@@ -1422,7 +1492,7 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, buf: &mut Vec<u8>, f: Frame, shared: &Shared) {
+    fn push(&mut self, buf: &mut WriteBuf, f: Frame, shared: &Shared) {
         match f.cost {
             Cost::Free => {}
             Cost::WriteSlot => shared.write_slots.add_permits(1),
@@ -1433,7 +1503,139 @@ impl Batch {
         self.frames += 1;
         self.pong |= f.hdr.cmd == Cmd::Pong;
         self.going_away |= f.hdr.cmd == Cmd::GoAway;
-        buf.extend_from_slice(&f.hdr.encode());
-        buf.extend_from_slice(&f.payload);
+        buf.push(&f.hdr, f.payload);
+    }
+}
+
+/// One write batch: headers and small payloads copied into one buffer,
+/// large payloads kept as they are and written with a vectored write (TLS
+/// copies them into its records anyway; a second copy here would be waste).
+#[derive(Default)]
+struct WriteBuf {
+    small: Vec<u8>,
+    segs: Vec<Seg>,
+    len: usize,
+}
+
+enum Seg {
+    /// A range of `small`.
+    Small(std::ops::Range<usize>),
+    Big(Bytes),
+}
+
+impl WriteBuf {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.small.clear();
+        self.segs.clear();
+        self.len = 0;
+    }
+
+    fn copy(&mut self, b: &[u8]) {
+        let start = self.small.len();
+        self.small.extend_from_slice(b);
+        let end = self.small.len();
+        match self.segs.last_mut() {
+            Some(Seg::Small(r)) if r.end == start => r.end = end,
+            _ => self.segs.push(Seg::Small(start..end)),
+        }
+    }
+
+    fn push(&mut self, hdr: &FrameHeader, payload: Bytes) {
+        self.copy(&hdr.encode());
+        self.len += FRAME_HEADER_LEN + payload.len();
+        if payload.len() < COPY_BELOW {
+            self.copy(&payload);
+        } else {
+            self.segs.push(Seg::Big(payload));
+        }
+    }
+
+    async fn write_to<W: tokio::io::AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<()> {
+        let mut slices: Vec<std::io::IoSlice<'_>> = self
+            .segs
+            .iter()
+            .map(|s| match s {
+                Seg::Small(r) => {
+                    std::io::IoSlice::new(self.small.get(r.clone()).unwrap_or_default())
+                }
+                Seg::Big(b) => std::io::IoSlice::new(b),
+            })
+            .collect();
+        let mut rest = slices.as_mut_slice();
+        while !rest.is_empty() {
+            let n = wr.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames written as one byte stream come back whole and in order,
+    /// however the reads are cut (here: a pipe of `pipe` bytes, so frames
+    /// straddle reads and big payloads take the read-into-payload path).
+    #[tokio::test]
+    async fn frame_reader_reassembles_any_cut() {
+        let frames: Vec<(FrameHeader, Vec<u8>)> = [1usize, 2, 13, 1000, 5000, 32 * 1024, 7]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let hdr = FrameHeader {
+                    cmd: Cmd::Data,
+                    circ: CircId::DIRECT,
+                    stream: StreamId(i as u32 + 1),
+                    len: len as u32,
+                };
+                (hdr, (0..len).map(|b| (b * 7 + i) as u8).collect())
+            })
+            .collect();
+        let mut wire = Vec::new();
+        for (h, p) in &frames {
+            wire.extend_from_slice(&h.encode());
+            wire.extend_from_slice(p);
+        }
+        for pipe in [1usize, 7, 4096, 100_000] {
+            let (mut a, b) = tokio::io::duplex(pipe);
+            let w = wire.clone();
+            let writer = tokio::spawn(async move { a.write_all(&w).await });
+            let mut rd = FrameReader::new(b);
+            for (h, p) in &frames {
+                let (gh, gp) = rd.next().await.unwrap_or_else(|_| panic!("pipe {pipe}"));
+                assert_eq!(
+                    (gh.stream, gp.as_ref()),
+                    (h.stream, p.as_slice()),
+                    "pipe {pipe}"
+                );
+            }
+            writer.await.unwrap().unwrap();
+            assert!(matches!(rd.next().await, Err(ReadError::Io)));
+        }
+    }
+
+    #[tokio::test]
+    async fn frame_reader_rejects_an_oversized_header_before_reading_on() {
+        let mut h = FrameHeader {
+            cmd: Cmd::Data,
+            circ: CircId::DIRECT,
+            stream: StreamId(1),
+            len: 0,
+        }
+        .encode();
+        // Length field (last four bytes): far above the DATA maximum.
+        h[9..].copy_from_slice(&u32::MAX.to_be_bytes());
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&h).await.unwrap();
+        let mut rd = FrameReader::new(b);
+        assert!(matches!(rd.next().await, Err(ReadError::Bad(_))));
     }
 }

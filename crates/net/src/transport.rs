@@ -61,6 +61,10 @@ pub trait AsyncIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncIo for T {}
 pub type BoxIo = Box<dyn AsyncIo>;
 
+/// Socket reads under TLS go through a buffer this large: rustls asks for
+/// 4 KiB at a time, which would cost a `recvfrom` per 4 KiB.
+const TCP_READ_BUF: usize = 64 * 1024;
+
 /// A boxed, sendable future (keeps [`Transport`] object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -674,6 +678,7 @@ async fn dial_tcp(shared: Arc<Shared>, addr: SocketAddr, expect: Expect) -> Resu
     within(&shared, "dialling over TCP", async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        let tcp = tokio::io::BufReader::with_capacity(TCP_READ_BUF, tcp);
         let mut stream = connector.connect(name, tcp).await.map_err(|e| {
             // A TLS failure comes back as an io::Error wrapping the rustls error.
             match e
@@ -706,6 +711,7 @@ async fn dial_tcp(shared: Arc<Shared>, addr: SocketAddr, expect: Expect) -> Resu
 
 async fn accept_tcp(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr) -> Result<Conn> {
     tcp.set_nodelay(true)?;
+    let tcp = tokio::io::BufReader::with_capacity(TCP_READ_BUF, tcp);
     let mut stream = acceptor
         .accept(tcp)
         .await

@@ -29,6 +29,7 @@ use vx6_proto::{NodeId, NodeKeypair};
 use crate::cstream::StreamMux;
 use crate::error::{NodeError, Result};
 use crate::node::{Node, now};
+use crate::relay::cell_body;
 
 /// One hop's budget for CREATED / EXTENDED.
 const HOP_TIMEOUT: Duration = Duration::from_secs(8);
@@ -460,8 +461,8 @@ async fn build_path(
             HopFailure::Timeout => (HopFailure::Timeout.into(), Some(suspect)),
             other => (other.into(), Some(blame)),
         })?;
-        let body = CellBody::from_slice(&reply)
-            .map_err(|_| (NodeError::Refused("bad cell".into()), Some(blame)))?;
+        let body =
+            cell_body(reply).map_err(|_| (NodeError::Refused("bad cell".into()), Some(blame)))?;
         match cc.open(body) {
             Ok((_, RelayMsg::Extended(_))) => {}
             Ok((_, RelayMsg::Truncated { reason })) => {
@@ -518,7 +519,7 @@ async fn run_client(
                 if cell.cmd != Cmd::Relay {
                     break;
                 }
-                let Ok(body) = CellBody::from_slice(&cell.payload) else { break };
+                let Ok(body) = cell_body(cell.payload) else { break };
                 match cc.open(body) {
                     Ok((hop, msg)) => match msg {
                         RelayMsg::Truncated { .. } => {

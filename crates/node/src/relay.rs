@@ -193,6 +193,12 @@ struct Next {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A RELAY payload as a cell body. The channel hands each payload over in
+/// its own allocation, so this takes it without copying.
+pub(crate) fn cell_body(payload: Bytes) -> Result<CellBody, vx6_circuit::CircuitError> {
+    CellBody::from_vec(Vec::from(payload))
+}
+
 async fn send_relay(chan: &Channel, circ: CircId, body: CellBody) -> bool {
     chan.send_cell(circ, Cmd::Relay, Bytes::from(body.into_vec()))
         .await
@@ -257,7 +263,8 @@ async fn run_hop(node: Node, prev: Channel, inc: IncomingCircuit) {
                 match cell.cmd {
                     Cmd::Relay => {
                         tap(&cell.payload);
-                        let Ok(body) = CellBody::from_slice(&cell.payload) else {
+                        let len = cell.payload.len() as u64;
+                        let Ok(body) = cell_body(cell.payload) else {
                             end_reason = Reason::Protocol;
                             break;
                         };
@@ -268,7 +275,7 @@ async fn run_hop(node: Node, prev: Channel, inc: IncomingCircuit) {
                                     if forwarded == TAP_VIEW_AFTER {
                                         tap_view(&prev.peer(), &n.chan.peer());
                                     }
-                                    inner.relay.transit_bytes.fetch_add(cell.payload.len() as u64, Ordering::Relaxed);
+                                    inner.relay.transit_bytes.fetch_add(len, Ordering::Relaxed);
                                     if !send_relay(&n.chan, n.circ, b).await {
                                         end_reason = Reason::LinkClosed;
                                         break;
@@ -316,7 +323,7 @@ async fn run_hop(node: Node, prev: Channel, inc: IncomingCircuit) {
                     Some(c) if c.cmd == Cmd::Relay => {
                         tap(&c.payload);
                         inner.relay.transit_bytes.fetch_add(c.payload.len() as u64, Ordering::Relaxed);
-                        match CellBody::from_slice(&c.payload).map_err(|_| ()).and_then(|b| hop.handle_backward(b).map_err(|_| ())) {
+                        match cell_body(c.payload).map_err(|_| ()).and_then(|b| hop.handle_backward(b).map_err(|_| ())) {
                             Ok(b) => send_relay(&prev, pcirc, b).await,
                             Err(()) => false,
                         }
