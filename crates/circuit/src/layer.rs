@@ -21,10 +21,10 @@
 //! This module owns the keys and counters and never interprets a message.
 
 use aes::Aes256;
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Tag};
+use aes::cipher::KeyInit;
 use ctr::cipher::{InnerIvInit, StreamCipher, StreamCipherCoreWrapper};
 use ctr::{CtrCore, flavors::Ctr32BE};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
 use crate::handshake::KEY_MATERIAL_LEN;
 use crate::msg::{RECOGNIZED_LEN, TAG_LEN};
@@ -69,20 +69,25 @@ pub(crate) fn plaintext_mut(body: &mut [u8]) -> &mut [u8] {
     body.get_mut(RECOGNIZED_LEN..end).unwrap_or_default()
 }
 
-/// The keys and counters of one hop in one direction. Both ciphers zeroize
-/// their key schedules on drop.
+/// The keys and counters of one hop in one direction. The stream cipher
+/// zeroizes its key schedule on drop; ring's AEAD key does not (as with the
+/// TLS keys of every channel, which ring also holds).
 pub(crate) struct DirLayer {
     stream: Aes256,
-    aead: Aes256Gcm,
+    aead: LessSafeKey,
     stream_ctr: u64,
     aead_ctr: u64,
 }
 
 impl DirLayer {
     fn new(stream_key: &[u8; 32], aead_key: &[u8; 32]) -> Self {
+        // A 32-byte key is always valid for AES-256-GCM.
+        let aead = UnboundKey::new(&AES_256_GCM, aead_key)
+            .map(LessSafeKey::new)
+            .unwrap_or_else(|_| unreachable!("AES-256-GCM takes 32-byte keys"));
         Self {
             stream: Aes256::new(stream_key.into()),
-            aead: Aes256Gcm::new(aead_key.into()),
+            aead,
             stream_ctr: 0,
             aead_ctr: 0,
         }
@@ -114,12 +119,12 @@ impl DirLayer {
     pub(crate) fn seal(&mut self, body: &mut [u8]) -> Result<()> {
         let (rec, plain, tag_out) = split(body)?;
         rec.fill(0);
-        let n = nonce(next(&mut self.aead_ctr)?);
+        let n = Nonce::assume_unique_for_key(nonce(next(&mut self.aead_ctr)?));
         let tag = self
             .aead
-            .encrypt_inout_detached(&n.into(), &[], plain.into())
+            .seal_in_place_separate_tag(n, Aad::empty(), plain)
             .map_err(|_| CircuitError::Usage("cell too long for the AEAD"))?;
-        tag_out.copy_from_slice(&tag);
+        tag_out.copy_from_slice(tag.as_ref());
         Ok(())
     }
 
@@ -129,9 +134,9 @@ impl DirLayer {
     pub(crate) fn open(&mut self, body: &mut [u8]) -> Result<()> {
         let (_, ct, tag) = split(body)?;
         let tag = Tag::try_from(&*tag).map_err(|_| CircuitError::BadCell)?;
-        let n = nonce(self.aead_ctr);
+        let n = Nonce::assume_unique_for_key(nonce(self.aead_ctr));
         self.aead
-            .decrypt_inout_detached(&n.into(), &[], ct.into(), &tag)
+            .open_in_place_separate_tag(n, Aad::empty(), tag, ct, 0..)
             .map_err(|_| CircuitError::BadCell)?;
         next(&mut self.aead_ctr)?;
         Ok(())

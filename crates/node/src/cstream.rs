@@ -102,22 +102,22 @@ impl StreamMux {
         let ev = self.events.clone();
         let (c1, c2) = (credit.clone(), self.circ_credit.clone());
         let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; LARGE_DATA_MAX];
             loop {
                 // Credits first: a stalled circuit stops the reads, so TCP
                 // pushes back on the sender.
                 let (Ok(s), Ok(c)) = (c1.acquire().await, c2.acquire().await) else {
                     return;
                 };
-                match rd.read(&mut buf).await {
+                // Each read lands in the buffer it is sent on in.
+                let mut chunk = Vec::with_capacity(LARGE_DATA_MAX);
+                match rd.read_buf(&mut chunk).await {
                     Ok(0) => {
                         let _ = ev.send(MuxEvent::Eof(id));
                         return;
                     }
-                    Ok(n) => {
+                    Ok(_) => {
                         s.forget();
                         c.forget();
-                        let chunk = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
                         if ev.send(MuxEvent::Data(id, chunk)).is_err() {
                             return;
                         }
