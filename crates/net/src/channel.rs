@@ -1048,19 +1048,19 @@ async fn reader_task(
         let idle = shared.cfg.idle_timeout;
         let frame = tokio::select! {
             _ = closed.wait_for(|c| *c) => break,
-            r = tokio::time::timeout(idle, rd.next()) => r,
+            r = rd.next(idle) => r,
         };
         let (hdr, payload) = match frame {
-            Err(_) => {
+            Err(ReadError::Idle) => {
                 tracing::debug!(peer = %shared.peer.short(), "channel idle timeout");
                 break;
             }
-            Ok(Err(ReadError::Io)) => break,
-            Ok(Err(ReadError::Bad(why))) => {
+            Err(ReadError::Io) => break,
+            Err(ReadError::Bad(why)) => {
                 shared.protocol_error(why);
                 break;
             }
-            Ok(Ok(f)) => f,
+            Ok(f) => f,
         };
         shared
             .stats
@@ -1292,6 +1292,8 @@ fn grant(credit: &Semaphore, inc: usize, window: u32) -> Result<(), &'static str
 
 enum ReadError {
     Io,
+    /// No complete frame within the idle timeout.
+    Idle,
     Bad(&'static str),
 }
 
@@ -1327,33 +1329,39 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Reads more into the buffer (after moving a partial header to its
-    /// front); `Io` at end of stream.
-    async fn fill(&mut self) -> std::result::Result<(), ReadError> {
+    /// front); `Io` at end of stream, `Idle` when nothing came by `deadline`.
+    async fn fill(&mut self, deadline: tokio::time::Instant) -> std::result::Result<(), ReadError> {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
         let spare = self.buf.get_mut(self.end..).unwrap_or_default();
-        match self.rd.read(spare).await {
-            Ok(n) if n > 0 => {
+        match tokio::time::timeout_at(deadline, self.rd.read(spare)).await {
+            Ok(Ok(n)) if n > 0 => {
                 self.end += n;
                 Ok(())
             }
-            _ => Err(ReadError::Io),
+            Ok(_) => Err(ReadError::Io),
+            Err(_) => Err(ReadError::Idle),
         }
     }
 
-    /// The next frame; `Io` at end of stream or on a socket error. The
-    /// header (and its length against the command's maximum) is checked
-    /// before anything is allocated for the payload.
-    async fn next(&mut self) -> std::result::Result<(FrameHeader, Bytes), ReadError> {
+    /// The next frame; `Io` at end of stream or on a socket error, `Idle`
+    /// when the frame is not complete within `idle`. The header (and its
+    /// length against the command's maximum) is checked before anything is
+    /// allocated for the payload. Frames already buffered cost no timer.
+    async fn next(
+        &mut self,
+        idle: Duration,
+    ) -> std::result::Result<(FrameHeader, Bytes), ReadError> {
+        let deadline = tokio::time::Instant::now() + idle;
         let hdr = loop {
             if let Some(h) = self.buffered().first_chunk::<FRAME_HEADER_LEN>() {
                 break FrameHeader::decode(h)
                     .map_err(|_| ReadError::Bad("malformed frame header"))?;
             }
-            self.fill().await?;
+            self.fill(deadline).await?;
         };
         self.start += FRAME_HEADER_LEN;
         let len = hdr.len as usize;
@@ -1367,13 +1375,11 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
         }
         // The rest of a frame that straddles reads goes straight into it.
         while payload.len() < len {
-            let n = (&mut self.rd)
-                .take((len - payload.len()) as u64)
-                .read_buf(&mut payload)
-                .await
-                .map_err(|_| ReadError::Io)?;
-            if n == 0 {
-                return Err(ReadError::Io);
+            let mut rest = (&mut self.rd).take((len - payload.len()) as u64);
+            match tokio::time::timeout_at(deadline, rest.read_buf(&mut payload)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err(ReadError::Io),
+                Err(_) => return Err(ReadError::Idle),
             }
         }
         Ok((hdr, Bytes::from(payload)))
@@ -1610,7 +1616,10 @@ mod tests {
             let writer = tokio::spawn(async move { a.write_all(&w).await });
             let mut rd = FrameReader::new(b);
             for (h, p) in &frames {
-                let (gh, gp) = rd.next().await.unwrap_or_else(|_| panic!("pipe {pipe}"));
+                let (gh, gp) = rd
+                    .next(Duration::from_secs(5))
+                    .await
+                    .unwrap_or_else(|_| panic!("pipe {pipe}"));
                 assert_eq!(
                     (gh.stream, gp.as_ref()),
                     (h.stream, p.as_slice()),
@@ -1618,7 +1627,10 @@ mod tests {
                 );
             }
             writer.await.unwrap().unwrap();
-            assert!(matches!(rd.next().await, Err(ReadError::Io)));
+            assert!(matches!(
+                rd.next(Duration::from_secs(5)).await,
+                Err(ReadError::Io)
+            ));
         }
     }
 
@@ -1636,6 +1648,9 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(&h).await.unwrap();
         let mut rd = FrameReader::new(b);
-        assert!(matches!(rd.next().await, Err(ReadError::Bad(_))));
+        assert!(matches!(
+            rd.next(Duration::from_secs(5)).await,
+            Err(ReadError::Bad(_))
+        ));
     }
 }
