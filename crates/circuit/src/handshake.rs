@@ -16,8 +16,8 @@
 //! verify       = H(PROTOID ":verify", secret_input)
 //! auth         = H(PROTOID ":mac", verify || ID || B || Y || X || PROTOID || "server")
 //! prk          = H(PROTOID ":key_extract", secret_input)      = HKDF-Extract(salt, IKM)
-//! keys         = HKDF-Expand(prk, PROTOID ":key_expand", 128)
-//!              = Sf[32] || Af[32] || Sb[32] || Ab[32]
+//! keys         = HKDF-Expand(prk, PROTOID ":key_expand", 96)
+//!              = Sf[16] || Af[32] || Sb[16] || Ab[32]
 //! ```
 //!
 //! with `PROTOID = "vx6/v1/circuit-ntor"`. Only the holder of `b` can compute
@@ -54,7 +54,7 @@ const T_KEY_EXPAND: &[u8] = b"vx6/v1/circuit-ntor:key_expand";
 const SERVER: &[u8] = b"server";
 
 /// Bytes of key material the handshake yields (four 32-byte keys).
-pub const KEY_MATERIAL_LEN: usize = 128;
+pub const KEY_MATERIAL_LEN: usize = 96;
 
 /// `Sf || Af || Sb || Ab`, zeroized on drop.
 pub(crate) type KeyMaterial = Zeroizing<[u8; KEY_MATERIAL_LEN]>;

@@ -1,4 +1,4 @@
-//! One hop's onion layer (PROTOCOL.md §9.4): per direction an AES-256-CTR
+//! One hop's onion layer (PROTOCOL.md §9.4): per direction an AES-128-CTR
 //! stream key `S` and an AES-256-GCM key `A`, each with its own counter.
 //!
 //! - `S` is applied (XOR, length-preserving) to **every** cell that passes
@@ -20,7 +20,7 @@
 //!
 //! This module owns the keys and counters and never interprets a message.
 
-use aes::Aes256;
+use aes::Aes128;
 use aes::cipher::KeyInit;
 use ctr::cipher::{InnerIvInit, StreamCipher, StreamCipherCoreWrapper};
 use ctr::{CtrCore, flavors::Ctr32BE};
@@ -73,20 +73,20 @@ pub(crate) fn plaintext_mut(body: &mut [u8]) -> &mut [u8] {
 /// zeroizes its key schedule on drop; ring's AEAD key does not (as with the
 /// TLS keys of every channel, which ring also holds).
 pub(crate) struct DirLayer {
-    stream: Aes256,
+    stream: Aes128,
     aead: LessSafeKey,
     stream_ctr: u64,
     aead_ctr: u64,
 }
 
 impl DirLayer {
-    fn new(stream_key: &[u8; 32], aead_key: &[u8; 32]) -> Self {
+    fn new(stream_key: &[u8; STREAM_KEY_LEN], aead_key: &[u8; AEAD_KEY_LEN]) -> Self {
         // A 32-byte key is always valid for AES-256-GCM.
         let aead = UnboundKey::new(&AES_256_GCM, aead_key)
             .map(LessSafeKey::new)
             .unwrap_or_else(|_| unreachable!("AES-256-GCM takes 32-byte keys"));
         Self {
-            stream: Aes256::new(stream_key.into()),
+            stream: Aes128::new(stream_key.into()),
             aead,
             stream_ctr: 0,
             aead_ctr: 0,
@@ -99,7 +99,7 @@ impl DirLayer {
         let mut iv = [0u8; 16];
         let (n, _) = iv.split_at_mut(12);
         n.copy_from_slice(&nonce(next(&mut self.stream_ctr)?));
-        let mut c = StreamCipherCoreWrapper::from_core(CtrCore::<&Aes256, Ctr32BE>::inner_iv_init(
+        let mut c = StreamCipherCoreWrapper::from_core(CtrCore::<&Aes128, Ctr32BE>::inner_iv_init(
             &self.stream,
             &iv.into(),
         ));
@@ -158,10 +158,10 @@ impl std::fmt::Debug for HopKeys {
 
 impl HopKeys {
     pub(crate) fn from_key_material(okm: &[u8; KEY_MATERIAL_LEN]) -> Self {
-        let (keys, _) = okm.as_chunks::<32>();
-        let [sf, af, sb, ab] = keys else {
-            unreachable!("KEY_MATERIAL_LEN is four 32-byte keys")
-        };
+        let (sf, rest) = split_key::<STREAM_KEY_LEN>(okm);
+        let (af, rest) = split_key::<AEAD_KEY_LEN>(rest);
+        let (sb, rest) = split_key::<STREAM_KEY_LEN>(rest);
+        let (ab, _) = split_key::<AEAD_KEY_LEN>(rest);
         Self {
             fwd: DirLayer::new(sf, af),
             bwd: DirLayer::new(sb, ab),
@@ -187,7 +187,18 @@ impl HopKeys {
     }
 }
 
-const _: () = assert!(KEY_MATERIAL_LEN == 4 * 32);
+/// AES-128 stream keys, AES-256-GCM keys.
+const STREAM_KEY_LEN: usize = 16;
+const AEAD_KEY_LEN: usize = 32;
+const _: () = assert!(KEY_MATERIAL_LEN == 2 * (STREAM_KEY_LEN + AEAD_KEY_LEN));
+
+/// The first `N` bytes as a key and the rest. `from_key_material` only
+/// splits a buffer whose length is asserted above, so the fallback (zero
+/// key) can never be taken.
+fn split_key<const N: usize>(b: &[u8]) -> (&[u8; N], &[u8]) {
+    b.split_first_chunk::<N>()
+        .unwrap_or_else(|| unreachable!("key material is long enough"))
+}
 
 #[cfg(test)]
 mod tests {
@@ -265,29 +276,18 @@ mod tests {
 
     #[test]
     fn stream_layer_is_standard_aes_ctr() {
-        // FIPS-197 C.3 / SP 800-38A F.5.5: AES-256 with key 00..1f; the
-        // first keystream block is AES(key, counter block 0).
-        let mut okm = [0u8; KEY_MATERIAL_LEN];
-        for (i, b) in okm.iter_mut().take(32).enumerate() {
-            *b = i as u8;
-        }
+        // With an all-zero stream key, keystream block j of cell 0 is
+        // AES-128(0, 0^96 || u32_be(j)): block 0 is GCM's H and block 1 its
+        // tag for empty input under the zero key (GCM test case 1).
+        let okm = [0u8; KEY_MATERIAL_LEN];
         let mut k = HopKeys::from_key_material(&okm);
-        let mut block = [0u8; 16];
-        k.fwd.apply_stream(&mut block).unwrap();
-        use aes::cipher::BlockCipherEncrypt;
-        let mut expect = aes::Block::default();
-        Aes256::new(
-            (&{
-                let mut key = [0u8; 32];
-                for (i, b) in key.iter_mut().enumerate() {
-                    *b = i as u8;
-                }
-                key
-            })
-                .into(),
-        )
-        .encrypt_block(&mut expect);
-        assert_eq!(block, <[u8; 16]>::from(expect));
+        let mut ks = [0u8; 32];
+        k.fwd.apply_stream(&mut ks).unwrap();
+        let hex: String = ks.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "66e94bd4ef8a2c3b884cfa59ca342b2e58e2fccefa7e3061367f1d57a4e7455a"
+        );
     }
 
     #[test]

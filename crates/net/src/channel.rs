@@ -1521,6 +1521,8 @@ struct WriteBuf {
     small: Vec<u8>,
     segs: Vec<Seg>,
     len: usize,
+    /// Scratch for writers without vectored writes.
+    flat: Vec<u8>,
 }
 
 enum Seg {
@@ -1560,7 +1562,27 @@ impl WriteBuf {
         }
     }
 
-    async fn write_to<W: tokio::io::AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<()> {
+    async fn write_to<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+    ) -> std::io::Result<()> {
+        if !wr.is_write_vectored() {
+            // A writer without vectored writes (a QUIC stream) would take
+            // one slice per call: hand it one contiguous buffer instead.
+            let mut flat = std::mem::take(&mut self.flat);
+            flat.clear();
+            for seg in &self.segs {
+                match seg {
+                    Seg::Small(r) => {
+                        flat.extend_from_slice(self.small.get(r.clone()).unwrap_or_default())
+                    }
+                    Seg::Big(b) => flat.extend_from_slice(b),
+                }
+            }
+            let r = wr.write_all(&flat).await;
+            self.flat = flat;
+            return r;
+        }
         let mut slices: Vec<std::io::IoSlice<'_>> = self
             .segs
             .iter()
