@@ -132,19 +132,28 @@ impl RelayState {
 /// Test hook (PROTOCOL-circuit tests): with `VX6_TEST_RELAY_TAP=DIR`, every
 /// relay appends each cell body it handles to `DIR/cells.bin` and the ids of
 /// each circuit's neighbours to `DIR/views.txt`. Off unless the variable is
-/// set; never for production use.
-fn tap(what: &[u8]) {
-    if let Some(dir) = std::env::var_os("VX6_TEST_RELAY_TAP") {
+/// set when the daemon starts; never for production use.
+fn tap_dir() -> Option<&'static std::path::Path> {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| std::env::var_os("VX6_TEST_RELAY_TAP").map(Into::into))
+        .as_deref()
+}
+
+fn tap_append(file: &str, what: &[u8]) {
+    if let Some(dir) = tap_dir() {
         use std::io::Write;
-        let p = std::path::Path::new(&dir).join("cells.bin");
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(p)
+            .open(dir.join(file))
         {
             let _ = f.write_all(what);
         }
     }
+}
+
+fn tap(what: &[u8]) {
+    tap_append("cells.bin", what);
 }
 
 /// Cells a circuit forwards before its view is tapped: more than building
@@ -152,17 +161,7 @@ fn tap(what: &[u8]) {
 const TAP_VIEW_AFTER: u32 = 12;
 
 fn tap_view(prev: &NodeId, next: &NodeId) {
-    if let Some(dir) = std::env::var_os("VX6_TEST_RELAY_TAP") {
-        use std::io::Write;
-        let p = std::path::Path::new(&dir).join("views.txt");
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-        {
-            let _ = writeln!(f, "prev={prev} next={next}");
-        }
-    }
+    tap_append("views.txt", format!("prev={prev} next={next}\n").as_bytes());
 }
 
 /// A peer created a circuit to us: run it.
