@@ -63,6 +63,9 @@ use crate::{NetError, Result};
 
 /// Bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 128 * 1024;
+/// How long a retired channel (a newer one to the same peer exists) stays
+/// open after its last stream ended.
+const RETIRE_GRACE: Duration = Duration::from_secs(2);
 /// How long a closing channel may spend finishing a write and saying GOAWAY.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Shortest timer a configuration may ask for.
@@ -254,6 +257,8 @@ struct Shared {
     refusals_queued: AtomicUsize,
     /// Close as soon as no stream is open.
     retiring: AtomicBool,
+    /// Wakes a retiring channel's closer when it becomes idle.
+    idle_notify: tokio::sync::Notify,
     /// A GOAWAY waits in the ordered queue.
     goaway_queued: AtomicBool,
     closed: watch::Sender<bool>,
@@ -411,6 +416,7 @@ impl Channel {
             pong_pending: AtomicBool::new(false),
             refusals_queued: AtomicUsize::new(0),
             retiring: AtomicBool::new(false),
+            idle_notify: tokio::sync::Notify::new(),
             goaway_queued: AtomicBool::new(false),
             closed,
             stats: ChannelStats::default(),
@@ -468,10 +474,40 @@ impl Channel {
     /// is), after the last stream's frames are written: for a channel that
     /// was replaced by a newer one to the same peer.
     pub fn close_when_idle(&self) {
-        self.shared.retiring.store(true, Ordering::SeqCst);
-        if lock(&self.shared.streams).map.is_empty() && lock(&self.shared.circuits).is_empty() {
-            self.shared.close_after_queued(code::SHUTDOWN);
+        if self.shared.retiring.swap(true, Ordering::SeqCst) {
+            return;
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.shared
+                .slot_removed(lock(&self.shared.streams).map.is_empty());
+            return;
+        };
+        // Closes once the channel has had no stream and no circuit for
+        // RETIRE_GRACE. The grace matters when both ends dial each other at
+        // once: each may retire the channel the other still prefers, and a
+        // stream the peer opens just then must not meet a GOAWAY.
+        let sh = self.shared.clone();
+        rt.spawn(async move {
+            let mut closed = sh.closed.subscribe();
+            let idle =
+                |sh: &Shared| lock(&sh.streams).map.is_empty() && lock(&sh.circuits).is_empty();
+            loop {
+                if idle(&sh) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETIRE_GRACE) => {}
+                        _ = closed.wait_for(|c| *c) => return,
+                    }
+                    if idle(&sh) {
+                        sh.close_after_queued(code::SHUTDOWN);
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = sh.idle_notify.notified() => {}
+                    _ = closed.wait_for(|c| *c) => return,
+                }
+            }
+        });
     }
 
     /// Resolves once the channel is closed.
@@ -701,10 +737,15 @@ impl Shared {
         });
     }
 
-    /// A retiring channel closes when its last stream is gone.
+    /// A retiring channel that just lost its last stream or circuit: wake
+    /// its closer (`close_when_idle`), or close now outside a runtime.
     fn slot_removed(&self, now_empty: bool) {
         if now_empty && self.retiring.load(Ordering::SeqCst) && lock(&self.circuits).is_empty() {
-            self.close_after_queued(code::SHUTDOWN);
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.idle_notify.notify_one();
+            } else {
+                self.close_after_queued(code::SHUTDOWN);
+            }
         }
     }
 

@@ -2065,3 +2065,25 @@ async fn unserved_circuits_are_refused_with_destroy() {
         "{frames:?}"
     );
 }
+
+/// A retired channel (a newer one to the same peer exists) keeps serving a
+/// stream the peer opens right after the retirement — both ends may have
+/// dialed at once and the peer may still prefer this channel — and closes
+/// only after it has been idle for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_channel_serves_a_late_stream_then_closes_when_idle() {
+    let (a, _ai, b, bi) = pair(ChannelConfig::default());
+    let _echo = serve_echo(bi);
+    b.close_when_idle();
+    // The peer opens a stream on it at once: it must be served in full.
+    let (mut send, mut recv) = a.open(Bytes::from_static(b"late")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send.send(Bytes::from_static(b"still here")).await.unwrap();
+    send.finish().await.unwrap();
+    assert_eq!(read_exactly(&mut recv, 10).await, b"still here");
+    assert!(!b.is_closed(), "closed with a stream open");
+    // Idle now: it goes away by itself, a grace period later.
+    expect_closed(&b, Duration::from_secs(10)).await;
+    expect_closed(&a, Duration::from_secs(5)).await;
+    assert_no_lib_panics();
+}
