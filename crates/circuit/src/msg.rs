@@ -241,22 +241,33 @@ impl RelayMsg {
     /// `out` must be one of the two plaintext lengths and large enough.
     pub(crate) fn encode_into(&self, out: &mut [u8]) -> Result<()> {
         self.check_sendable()?;
-        let payload = self.payload();
-        let mut w = Writer::with_capacity(MSG_HEADER_LEN + payload.len());
+        // DATA is written straight from its buffer (the bulk of all bytes);
+        // other messages are small and encoded first.
+        let small;
+        let payload: &[u8] = match self {
+            RelayMsg::Data { data, .. } => data,
+            _ => {
+                small = self.payload();
+                &small
+            }
+        };
         let len = u16::try_from(payload.len()).map_err(|_| CircuitError::TooLarge {
             len: payload.len(),
             max: LARGE_DATA_MAX,
         })?;
-        w.u8(self.cmd()).u32(self.stream().0).u16(len).raw(&payload);
-        let bytes = w.as_slice();
         let room = out.len().saturating_sub(MSG_HEADER_LEN);
-        let (head, pad) = out
-            .split_at_mut_checked(bytes.len())
-            .ok_or(CircuitError::TooLarge {
-                len: payload.len(),
-                max: room,
-            })?;
-        head.copy_from_slice(bytes);
+        let too_large = CircuitError::TooLarge {
+            len: payload.len(),
+            max: room,
+        };
+        let (head, rest) = out
+            .split_at_mut_checked(MSG_HEADER_LEN)
+            .ok_or(too_large.clone())?;
+        let (body, pad) = rest.split_at_mut_checked(payload.len()).ok_or(too_large)?;
+        let mut w = Writer::with_capacity(MSG_HEADER_LEN);
+        w.u8(self.cmd()).u32(self.stream().0).u16(len);
+        head.copy_from_slice(w.as_slice());
+        body.copy_from_slice(payload);
         pad.fill(0);
         Ok(())
     }
