@@ -89,21 +89,35 @@ pub fn render(node: &Node) -> String {
     out
 }
 
-/// Serves `/metrics` (any path) until the listener fails.
+/// Serves `/metrics` (any path) on `addr`; logs and returns if it cannot bind.
 pub async fn serve(node: Node, addr: SocketAddr) {
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "cannot serve metrics");
-            return;
-        }
-    };
+    match TcpListener::bind(addr).await {
+        Ok(l) => serve_on(node, l).await,
+        Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics"),
+    }
+}
+
+/// Scrapes answered at once; more wait for a slot (each takes at most 4 s).
+const MAX_SCRAPES: usize = 8;
+
+/// Serves `/metrics` (any path) on a bound listener, forever.
+pub async fn serve_on(node: Node, listener: TcpListener) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut s = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(_) => {
+                // Out of file descriptors and the like: do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let node = node.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // Read (and ignore) the request head, bounded in size and time.
             let mut buf = [0u8; 2048];
             let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
