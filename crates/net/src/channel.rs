@@ -1554,6 +1554,23 @@ impl Batch {
     }
 }
 
+/// Writes every slice, in order, with as few calls as the writer allows
+/// (`write_all` for vectored writes, which tokio does not have).
+pub async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    slices: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    let mut rest = slices;
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
 /// One write batch: headers and small payloads copied into one buffer,
 /// large payloads kept as they are and written with a vectored write (TLS
 /// copies them into its records anyway; a second copy here would be waste).
@@ -1634,15 +1651,7 @@ impl WriteBuf {
                 Seg::Big(b) => std::io::IoSlice::new(b),
             })
             .collect();
-        let mut rest = slices.as_mut_slice();
-        while !rest.is_empty() {
-            let n = wr.write_vectored(rest).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            std::io::IoSlice::advance_slices(&mut rest, n);
-        }
-        Ok(())
+        write_all_vectored(wr, &mut slices).await
     }
 }
 

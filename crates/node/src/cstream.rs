@@ -62,24 +62,6 @@ impl Drop for Entry {
 /// Most DATA cells one socket write takes (64 KiB of large cells).
 const WRITE_CELLS: usize = 8;
 
-/// Writes every buffer, in order, with as few syscalls as the socket allows.
-async fn write_all_vectored(
-    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
-    bufs: &[Vec<u8>],
-) -> std::io::Result<()> {
-    let mut slices: Vec<std::io::IoSlice<'_>> =
-        bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
-    let mut rest = slices.as_mut_slice();
-    while !rest.is_empty() {
-        let n = wr.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        std::io::IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(())
-}
-
 /// All streams of one circuit end.
 pub struct StreamMux {
     streams: HashMap<StreamId, Entry>,
@@ -174,7 +156,9 @@ impl StreamMux {
                         }
                         // Whatever is queued goes out in one write: fewer
                         // syscalls and fuller segments than a write per cell.
-                        if write_all_vectored(&mut wr, &batch).await.is_err() {
+                        let mut slices: Vec<std::io::IoSlice<'_>> =
+                            batch.iter().map(|b| std::io::IoSlice::new(b)).collect();
+                        if vx6_net::channel::write_all_vectored(&mut wr, &mut slices).await.is_err() {
                             let _ = ev.send(MuxEvent::Failed(id));
                             return;
                         }
