@@ -63,6 +63,9 @@ use crate::{NetError, Result};
 
 /// Bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 128 * 1024;
+/// Payloads below this are copied into the write batch; larger ones are
+/// written from where they are.
+const COPY_BELOW: usize = 1024;
 /// How long a retired channel (a newer one to the same peer exists) stays
 /// open after its last stream ended.
 const RETIRE_GRACE: Duration = Duration::from_secs(2);
@@ -1351,9 +1354,6 @@ struct FrameReader<R> {
 
 /// Size of the reused read buffer.
 const READ_BUF: usize = 64 * 1024;
-/// Payloads below this are copied into the write batch; larger ones are
-/// written from where they are.
-const COPY_BELOW: usize = 1024;
 
 impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     fn new(rd: R) -> Self {
