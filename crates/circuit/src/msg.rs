@@ -81,6 +81,13 @@ pub enum RelayMsg {
     Truncated { reason: Reason },
     /// Either way: padding; the receiving hop discards it.
     Drop,
+    /// Forward, to the last hop: would a BEGIN for `service` be honoured?
+    /// Lets a client refuse a forward to a service the owner does not offer,
+    /// before any local connection, without touching the service.
+    Probe { service: ServiceName },
+    /// Backward, the answer to PROBE: `offered` is exactly whether a BEGIN
+    /// for that service would be accepted now (no reason, no other detail).
+    Probed { offered: bool },
 }
 
 impl std::fmt::Debug for RelayMsg {
@@ -99,6 +106,8 @@ impl std::fmt::Debug for RelayMsg {
             RelayMsg::Truncate => f.write_str("Truncate"),
             RelayMsg::Truncated { reason } => write!(f, "Truncated({reason:?})"),
             RelayMsg::Drop => f.write_str("Drop"),
+            RelayMsg::Probe { service } => write!(f, "Probe({service})"),
+            RelayMsg::Probed { offered } => write!(f, "Probed({offered})"),
         }
     }
 }
@@ -114,6 +123,19 @@ mod cmd {
     pub const TRUNCATE: u8 = 8;
     pub const TRUNCATED: u8 = 9;
     pub const DROP: u8 = 10;
+    pub const PROBE: u8 = 11;
+    pub const PROBED: u8 = 12;
+}
+
+/// A canonical service name (`bytes8`), as BEGIN and PROBE carry it.
+fn read_service(r: &mut Reader<'_>) -> Result<ServiceName> {
+    let raw = r.bytes8(MAX_NAME_LEN, "service name")?;
+    let s = std::str::from_utf8(raw).map_err(|_| invalid("service name not UTF-8"))?;
+    let service = ServiceName::new(s)?;
+    if service.as_str() != s {
+        return Err(invalid("service name not canonical"));
+    }
+    Ok(service)
 }
 
 fn invalid(why: &'static str) -> CircuitError {
@@ -136,6 +158,8 @@ impl RelayMsg {
             RelayMsg::Truncate => cmd::TRUNCATE,
             RelayMsg::Truncated { .. } => cmd::TRUNCATED,
             RelayMsg::Drop => cmd::DROP,
+            RelayMsg::Probe { .. } => cmd::PROBE,
+            RelayMsg::Probed { .. } => cmd::PROBED,
         }
     }
 
@@ -153,12 +177,14 @@ impl RelayMsg {
     /// True when this message may travel in direction `d`.
     pub fn allowed(&self, d: Direction) -> bool {
         match self {
-            RelayMsg::Extend { .. } | RelayMsg::Begin { .. } | RelayMsg::Truncate => {
-                d == Direction::Forward
-            }
-            RelayMsg::Extended(_) | RelayMsg::Connected { .. } | RelayMsg::Truncated { .. } => {
-                d == Direction::Backward
-            }
+            RelayMsg::Extend { .. }
+            | RelayMsg::Begin { .. }
+            | RelayMsg::Truncate
+            | RelayMsg::Probe { .. } => d == Direction::Forward,
+            RelayMsg::Extended(_)
+            | RelayMsg::Connected { .. }
+            | RelayMsg::Truncated { .. }
+            | RelayMsg::Probed { .. } => d == Direction::Backward,
             RelayMsg::Data { .. } | RelayMsg::End { .. } | RelayMsg::Sendme(_) | RelayMsg::Drop => {
                 true
             }
@@ -179,8 +205,11 @@ impl RelayMsg {
                 create.write(&mut w);
             }
             RelayMsg::Extended(c) => c.write(&mut w),
-            RelayMsg::Begin { service, .. } => {
+            RelayMsg::Begin { service, .. } | RelayMsg::Probe { service } => {
                 w.bytes8(service.as_str().as_bytes());
+            }
+            RelayMsg::Probed { offered } => {
+                w.u8(u8::from(*offered));
             }
             RelayMsg::Data { data, .. } => {
                 w.raw(data);
@@ -299,15 +328,20 @@ impl RelayMsg {
                 RelayMsg::Extend { next, create }
             }
             cmd::EXTENDED => RelayMsg::Extended(Created::read(&mut r)?),
-            cmd::BEGIN => {
-                let raw = r.bytes8(MAX_NAME_LEN, "service name")?;
-                let s = std::str::from_utf8(raw).map_err(|_| invalid("service name not UTF-8"))?;
-                let service = ServiceName::new(s)?;
-                if service.as_str() != s {
-                    return Err(invalid("service name not canonical"));
-                }
-                RelayMsg::Begin { stream, service }
-            }
+            cmd::BEGIN => RelayMsg::Begin {
+                stream,
+                service: read_service(&mut r)?,
+            },
+            cmd::PROBE => RelayMsg::Probe {
+                service: read_service(&mut r)?,
+            },
+            cmd::PROBED => RelayMsg::Probed {
+                offered: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(invalid("PROBED answer not 0 or 1")),
+                },
+            },
             cmd::CONNECTED => RelayMsg::Connected { stream },
             cmd::DATA => {
                 if len == 0 {
@@ -395,6 +429,11 @@ mod tests {
                 reason: Reason::Unreachable,
             },
             RelayMsg::Drop,
+            RelayMsg::Probe {
+                service: ServiceName::new("ssh").unwrap(),
+            },
+            RelayMsg::Probed { offered: true },
+            RelayMsg::Probed { offered: false },
         ]
     }
 

@@ -169,8 +169,15 @@ pub(crate) fn mark(node: &Node, id: &NodeId, ok: bool, rtt_ms: Option<u32>) {
 #[derive(Clone)]
 pub struct ClientCirc {
     tx: mpsc::Sender<Pending>,
+    probe_tx: mpsc::Sender<Probe>,
     pub path: Arc<Vec<NodeId>>,
 }
+
+/// A PROBE for a service and where its answer goes.
+type Probe = (ServiceName, tokio::sync::oneshot::Sender<bool>);
+
+/// How long the owner's answer to a PROBE may take (one circuit round trip).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A local connection waiting to be carried: it is not read from until
 /// the owner says CONNECTED, so if the circuit dies first nothing was lost
@@ -194,6 +201,15 @@ impl ClientCirc {
     /// the circuit is already gone.
     pub async fn open(&self, p: Pending) -> std::result::Result<(), Pending> {
         self.tx.send(p).await.map_err(|e| e.0)
+    }
+
+    /// Asks the owner whether it would accept a BEGIN for `service` (PROBE,
+    /// PROTOCOL.md §9.5) without connecting to it. `None`: the circuit
+    /// ended or the answer did not come in time.
+    pub async fn probe(&self, service: ServiceName) -> Option<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.probe_tx.send((service, tx)).await.ok()?;
+        tokio::time::timeout(PROBE_TIMEOUT, rx).await.ok()?.ok()
     }
 }
 
@@ -352,10 +368,12 @@ pub async fn build(
                 mark(node, id, true, Some(ms / (hops as u32 + 1).max(1)));
             }
             let (tx, cmd_rx) = mpsc::channel(64);
+            let (probe_tx, probe_rx) = mpsc::channel(4);
             let mut full_path = path.clone();
             full_path.push(target.body.node);
             let handle = ClientCirc {
                 tx,
+                probe_tx,
                 path: Arc::new(full_path),
             };
             tokio::spawn(run_client(
@@ -364,7 +382,7 @@ pub async fn build(
                 circ,
                 rx,
                 cc,
-                cmd_rx,
+                (cmd_rx, probe_rx),
                 path,
                 orphans,
             ));
@@ -493,10 +511,14 @@ async fn run_client(
     circ: CircId,
     mut rx: CircuitRx,
     mut cc: ClientCircuit,
-    mut cmd_rx: mpsc::Receiver<Pending>,
+    (mut cmd_rx, mut probe_rx): (mpsc::Receiver<Pending>, mpsc::Receiver<Probe>),
     relays: Vec<NodeId>,
     orphans: Orphans,
 ) {
+    // PROBEDs come back in the order the PROBEs went (one owner, one
+    // ordered circuit); at most the probe queue's capacity are in flight.
+    let mut probes: std::collections::VecDeque<tokio::sync::oneshot::Sender<bool>> =
+        std::collections::VecDeque::new();
     let mut waiting: std::collections::HashMap<StreamId, Pending> =
         std::collections::HashMap::new();
     let anon = &node.inner().anon;
@@ -539,6 +561,10 @@ async fn run_client(
                             }
                         }
                         RelayMsg::Drop => {}
+                        RelayMsg::Probed { offered } if hop == owner => {
+                            let Some(answer) = probes.pop_front() else { break };
+                            let _ = answer.send(offered);
+                        }
                         m if hop == owner => match mux.on_msg(m) {
                             Ok(replies) => out = replies,
                             Err(_) => break,
@@ -554,6 +580,10 @@ async fn run_client(
                 next_stream = next_stream.wrapping_add(1).max(1);
                 out.push(RelayMsg::Begin { stream, service: p.service.clone() });
                 waiting.insert(stream, p);
+            }
+            Some((service, answer)) = probe_rx.recv(), if probes.len() < 4 => {
+                out.push(RelayMsg::Probe { service });
+                probes.push_back(answer);
             }
             Some(ev) = ev_rx.recv() => match mux.on_event(ev) {
                 Ok(msgs) => out = msgs,

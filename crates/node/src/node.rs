@@ -772,6 +772,24 @@ impl Node {
                 ));
             }
         };
+        // The direct mode's catalog check, over the anonymous circuit: a
+        // service the owner would refuse is an error now, not a forward
+        // whose every connection is reset.
+        match first.probe(r.service.clone()).await {
+            Some(true) => {}
+            Some(false) => {
+                return Err(NodeError::Refused(format!(
+                    "node {} does not offer '{}' to relayed clients (not declared, private, or limited by an allow list)",
+                    owner.short(),
+                    r.service
+                )));
+            }
+            None => {
+                return Err(NodeError::Unreachable(
+                    "the relay circuit closed before the owner answered".into(),
+                ));
+            }
+        }
         let path: Vec<String> = first.path.iter().map(|n| n.short()).collect();
         let (listener, local) = bind_forward_listener(listen).await?;
         let id = self.inner.next_forward.fetch_add(1, Ordering::Relaxed);

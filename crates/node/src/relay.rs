@@ -11,6 +11,7 @@
 //! (only declared public services; a refusal never connects anywhere).
 //! Replies carry one-byte reasons, never local error text.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use vx6_net::channel::{Channel, CircuitRx, IncomingCircuit};
 use vx6_proto::NodeId;
 use vx6_proto::identity::fill_random;
 use vx6_proto::link::{CircId, Cmd};
+use vx6_proto::name::ServiceName;
 
 use crate::cstream::StreamMux;
 use crate::node::Node;
@@ -408,21 +410,15 @@ async fn for_me(
                     },
                 )
             };
-            if hop.next_hop() != NextHop::None || mux.contains(stream) {
+            if mux.contains(stream) {
                 inner.relay.begins_refused.fetch_add(1, Ordering::Relaxed);
                 return Ok(vec![refuse(hop)?]);
             }
-            // Only public services with no allow list: the client is anonymous.
-            let svc = node.services().into_iter().find(|s| s.name == service);
-            let Some(svc) = svc.filter(|s| {
-                !s.private
-                    && s.allow.is_empty()
-                    && (s.target.ip().is_loopback() || s.allow_remote_target)
-            }) else {
+            let Some(target) = anonymous_target(node, hop, &service) else {
                 inner.relay.begins_refused.fetch_add(1, Ordering::Relaxed);
                 return Ok(vec![refuse(hop)?]);
             };
-            match tokio::time::timeout(BEGIN_TIMEOUT, TcpStream::connect(svc.target)).await {
+            match tokio::time::timeout(BEGIN_TIMEOUT, TcpStream::connect(target)).await {
                 Ok(Ok(tcp)) => {
                     inner.relay.begins_ok.fetch_add(1, Ordering::Relaxed);
                     mux.attach(stream, tcp);
@@ -446,6 +442,11 @@ async fn for_me(
                     .map_err(|_| Reason::Protocol)?,
             ])
         }
+        RelayMsg::Probe { service } => {
+            // The same answer a BEGIN would get, without touching the service.
+            let offered = anonymous_target(node, hop, &service).is_some();
+            Ok(vec![originate(hop, RelayMsg::Probed { offered })?])
+        }
         RelayMsg::Drop => Ok(Vec::new()),
         m @ (RelayMsg::Data { .. } | RelayMsg::End { .. } | RelayMsg::Sendme(_)) => {
             let replies = mux.on_msg(m).map_err(|_| Reason::Protocol)?;
@@ -454,6 +455,25 @@ async fn for_me(
         // Backward-only messages never arrive forward.
         _ => Err(Reason::Protocol),
     }
+}
+
+/// Where a BEGIN for `service` from an anonymous client may connect: only at
+/// the last hop, only to a public service with no allow list (the client
+/// has no identity to check), and only to loopback unless the owner allowed
+/// a remote target.
+fn anonymous_target(node: &Node, hop: &RelayHop, service: &ServiceName) -> Option<SocketAddr> {
+    if hop.next_hop() != NextHop::None {
+        return None;
+    }
+    node.services()
+        .into_iter()
+        .find(|s| &s.name == service)
+        .filter(|s| {
+            !s.private
+                && s.allow.is_empty()
+                && (s.target.ip().is_loopback() || s.allow_remote_target)
+        })
+        .map(|s| s.target)
 }
 
 /// Extends to `to` for a client. Reasons only, never error text.
