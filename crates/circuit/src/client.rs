@@ -18,9 +18,9 @@ use vx6_proto::NodeId;
 use vx6_proto::id::OnionKey;
 
 use crate::cell::{CellBody, Create, Created};
+use crate::error::Life;
 use crate::handshake::ClientHandshake;
-use crate::layer::HopKeys;
-use crate::layer::{DirLayer, plaintext, plaintext_mut};
+use crate::layer::{DirLayer, HopKeys, plaintext, plaintext_mut};
 use crate::msg::{Direction, RelayMsg};
 use crate::{CircuitError, Result};
 
@@ -66,7 +66,7 @@ impl PendingCreate {
         Ok(ClientCircuit {
             hops: vec![ClientHop { id: relay, keys }],
             extending: None,
-            torn_down: false,
+            life: Life::default(),
         })
     }
 }
@@ -81,7 +81,7 @@ struct ClientHop {
 pub struct ClientCircuit {
     hops: Vec<ClientHop>,
     extending: Option<ClientHandshake>,
-    torn_down: bool,
+    life: Life,
 }
 
 impl fmt::Debug for ClientCircuit {
@@ -89,7 +89,7 @@ impl fmt::Debug for ClientCircuit {
         f.debug_struct("ClientCircuit")
             .field("path", &self.hops.iter().map(|h| h.id).collect::<Vec<_>>())
             .field("extending", &self.extending.as_ref().map(|h| h.relay()))
-            .field("torn_down", &self.torn_down)
+            .field("torn_down", &self.life.is_dead())
             .finish()
     }
 }
@@ -136,30 +136,24 @@ impl ClientCircuit {
 
     /// True once a fatal error or [`ClientCircuit::tear_down`] ended the circuit.
     pub fn is_torn_down(&self) -> bool {
-        self.torn_down
+        self.life.is_dead()
     }
 
     /// Marks the circuit dead (e.g. a DESTROY arrived or the channel closed).
     /// Every later call fails with [`CircuitError::TornDown`].
     pub fn tear_down(&mut self) {
-        self.torn_down = true;
+        self.life.end();
         self.extending = None;
         self.hops.clear();
     }
 
     fn alive(&self) -> Result<()> {
-        if self.torn_down {
-            Err(CircuitError::TornDown)
-        } else {
-            Ok(())
-        }
+        self.life.alive()
     }
 
     /// Records a fatal error: the circuit is dead from now on.
     fn check<T>(&mut self, r: Result<T>) -> Result<T> {
-        if let Err(e) = &r
-            && e.is_fatal()
-        {
+        if self.life.ends_on(&r) {
             self.tear_down();
         }
         r

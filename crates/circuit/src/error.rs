@@ -58,3 +58,36 @@ impl CircuitError {
 }
 
 pub type Result<T, E = CircuitError> = std::result::Result<T, E>;
+
+/// Whether a circuit end (client or hop) is still usable. Every call checks
+/// it first, and a fatal error ends it for good (see [`CircuitError`]).
+#[derive(Debug, Default)]
+pub(crate) struct Life {
+    dead: bool,
+}
+
+impl Life {
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    pub(crate) fn end(&mut self) {
+        self.dead = true;
+    }
+
+    /// `Err(TornDown)` once ended.
+    pub(crate) fn alive(&self) -> Result<()> {
+        if self.dead {
+            Err(CircuitError::TornDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Ends on a fatal error; true when `r` just ended it.
+    pub(crate) fn ends_on<T>(&mut self, r: &Result<T>) -> bool {
+        let fatal = r.as_ref().err().is_some_and(CircuitError::is_fatal);
+        self.dead |= fatal;
+        fatal
+    }
+}

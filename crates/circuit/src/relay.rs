@@ -23,6 +23,7 @@ use x25519_dalek::StaticSecret;
 use vx6_proto::NodeId;
 
 use crate::cell::{CellBody, Create, Created, Reason};
+use crate::error::Life;
 use crate::handshake::relay_handshake;
 use crate::layer::{DirLayer, HopKeys, plaintext, plaintext_mut};
 use crate::msg::{Direction, RelayMsg};
@@ -54,14 +55,14 @@ pub enum Forward {
 pub struct RelayHop {
     keys: HopKeys,
     next: NextHop,
-    torn_down: bool,
+    life: Life,
 }
 
 impl fmt::Debug for RelayHop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RelayHop")
             .field("next", &self.next)
-            .field("torn_down", &self.torn_down)
+            .field("torn_down", &self.life.is_dead())
             .finish()
     }
 }
@@ -83,7 +84,7 @@ impl RelayHop {
             RelayHop {
                 keys,
                 next: NextHop::None,
-                torn_down: false,
+                life: Life::default(),
             },
             created,
         ))
@@ -94,29 +95,21 @@ impl RelayHop {
     }
 
     pub fn is_torn_down(&self) -> bool {
-        self.torn_down
+        self.life.is_dead()
     }
 
     /// Marks the hop dead (DESTROY arrived, a link closed). Every later call
     /// fails with [`CircuitError::TornDown`].
     pub fn tear_down(&mut self) {
-        self.torn_down = true;
+        self.life.end();
     }
 
     fn alive(&self) -> Result<()> {
-        if self.torn_down {
-            Err(CircuitError::TornDown)
-        } else {
-            Ok(())
-        }
+        self.life.alive()
     }
 
     fn check<T>(&mut self, r: Result<T>) -> Result<T> {
-        if let Err(e) = &r
-            && e.is_fatal()
-        {
-            self.torn_down = true;
-        }
+        self.life.ends_on(&r);
         r
     }
 

@@ -406,35 +406,49 @@ pub(crate) async fn sync_now(node: &Node, peers: usize) {
     futures_join_all(pulls).await;
 }
 
+/// One node RPC (PROTOCOL.md §8): a stream with `purpose`, `body`, and an
+/// answer of at most `max` bytes within RPC_TIMEOUT.
+async fn rpc(
+    chan: &Channel,
+    purpose: Purpose,
+    body: Vec<u8>,
+    max: usize,
+) -> vx6_net::Result<Bytes> {
+    chan.request(
+        Bytes::from(purpose.encode()),
+        Bytes::from(body),
+        max,
+        RPC_TIMEOUT,
+    )
+    .await
+}
+
+/// A peer-sync request for the page at `cursor`, as large as pages go.
+fn sync_request(cursor: u32) -> Vec<u8> {
+    SyncRequest {
+        cursor,
+        limit: nodemsg::MAX_SYNC_PAGE as u16,
+    }
+    .encode()
+}
+
 async fn push_and_pull(node: &Node, chan: &Channel, push: bool) {
     let node = node.clone();
     if push && let Some(own) = node.inner().own_record() {
-        let _ = chan
-            .request(
-                Bytes::from(Purpose::PushRecord.encode()),
-                Bytes::from(own.encode()),
-                16,
-                RPC_TIMEOUT,
-            )
-            .await;
+        let _ = rpc(chan, Purpose::PushRecord, own.encode(), 16).await;
     }
     // Pages, freshest first, for as long as they still teach us something
     // (bounded): a newcomer to a large network gets more than one page,
     // a node that is up to date stops after the first.
     let mut cursor = 0u32;
     for _ in 0..MAX_SYNC_PAGES {
-        let req = SyncRequest {
-            cursor,
-            limit: nodemsg::MAX_SYNC_PAGE as u16,
-        };
-        let Ok(raw) = chan
-            .request(
-                Bytes::from(Purpose::PeerSync.encode()),
-                Bytes::from(req.encode()),
-                nodemsg::MAX_RPC_LEN,
-                RPC_TIMEOUT,
-            )
-            .await
+        let Ok(raw) = rpc(
+            chan,
+            Purpose::PeerSync,
+            sync_request(cursor),
+            nodemsg::MAX_RPC_LEN,
+        )
+        .await
         else {
             return;
         };
@@ -952,14 +966,7 @@ pub async fn name_claimants(
         }
         asked.push(conn.peer);
         let (chan, _incoming) = Chan::spawn(conn, Role::Dialer, ChannelConfig::default());
-        if let Ok(raw) = chan
-            .request(
-                Bytes::from(Purpose::Dht.encode()),
-                Bytes::from(find.clone()),
-                nodemsg::MAX_RPC_LEN,
-                RPC_TIMEOUT,
-            )
-            .await
+        if let Ok(raw) = rpc(&chan, Purpose::Dht, find.clone(), nodemsg::MAX_RPC_LEN).await
             && let Ok(DResp::Value { values, closer }) = DResp::decode(&raw)
         {
             for v in values {
@@ -975,18 +982,13 @@ pub async fn name_claimants(
                 }
             }
         }
-        let req = SyncRequest {
-            cursor: 0,
-            limit: nodemsg::MAX_SYNC_PAGE as u16,
-        };
-        if let Ok(raw) = chan
-            .request(
-                Bytes::from(Purpose::PeerSync.encode()),
-                Bytes::from(req.encode()),
-                nodemsg::MAX_RPC_LEN,
-                RPC_TIMEOUT,
-            )
-            .await
+        if let Ok(raw) = rpc(
+            &chan,
+            Purpose::PeerSync,
+            sync_request(0),
+            nodemsg::MAX_RPC_LEN,
+        )
+        .await
             && let Ok(list) = RecordList::decode(&raw, nodemsg::MAX_SYNC_PAGE)
         {
             for b in list.records {
