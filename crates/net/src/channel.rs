@@ -44,12 +44,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc, watch};
 use vx6_proto::NodeId;
 use vx6_proto::link::{
@@ -58,7 +59,7 @@ use vx6_proto::link::{
 };
 use vx6_proto::record::TransportKind;
 
-use crate::transport::{BoxIo, Conn};
+use crate::transport::{Conn, LinkRead, LinkWrite};
 use crate::{NetError, Result};
 
 /// Bytes the writer gathers into one write.
@@ -426,7 +427,7 @@ impl Channel {
             circuits: Mutex::new(HashMap::new()),
             cfg,
         });
-        let (rd, wr) = tokio::io::split(conn.io);
+        let crate::transport::LinkIo { rd, wr } = conn.io;
         tokio::spawn(writer_task(shared.clone(), wr, ordered_rx, ctrl_rx));
         tokio::spawn(reader_task(shared.clone(), rd, accept_tx, circ_tx));
         (
@@ -1081,7 +1082,7 @@ enum Flow {
 
 async fn reader_task(
     shared: Arc<Shared>,
-    rd: tokio::io::ReadHalf<BoxIo>,
+    rd: Box<dyn LinkRead>,
     accept_tx: mpsc::Sender<IncomingStream>,
     circ_tx: mpsc::Sender<IncomingCircuit>,
 ) {
@@ -1341,86 +1342,88 @@ enum ReadError {
     Bad(&'static str),
 }
 
-/// Reads frames out of large socket reads into one reused buffer; each
-/// payload gets its own allocation of exactly its size (one copy, no
-/// zeroing), so a payload can be owned and changed in place downstream
-/// (relay cells are) and never keeps a read buffer alive.
+/// Reads frames out of a buffered link: each payload gets its own
+/// allocation of exactly its size, filled straight from the link's buffer
+/// (one copy, no zeroing), so a payload can be owned and changed in place
+/// downstream (relay cells are) and never keeps a read buffer alive.
 struct FrameReader<R> {
     rd: R,
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
 }
 
-/// Size of the reused read buffer.
-const READ_BUF: usize = 64 * 1024;
-
-impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+impl<R: tokio::io::AsyncBufRead + Unpin> FrameReader<R> {
     fn new(rd: R) -> Self {
-        Self {
-            rd,
-            buf: vec![0u8; READ_BUF].into_boxed_slice(),
-            start: 0,
-            end: 0,
+        Self { rd }
+    }
+
+    /// What the link has buffered, without waiting (and without a timer:
+    /// most frames are already there).
+    fn buffered(&mut self) -> std::result::Result<&[u8], ReadError> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut self.rd).poll_fill_buf(&mut cx) {
+            std::task::Poll::Ready(Ok([])) => Err(ReadError::Io),
+            std::task::Poll::Ready(Ok(b)) => Ok(b),
+            std::task::Poll::Ready(Err(_)) => Err(ReadError::Io),
+            std::task::Poll::Pending => Ok(&[]),
         }
     }
 
-    fn buffered(&self) -> &[u8] {
-        self.buf.get(self.start..self.end).unwrap_or_default()
-    }
-
-    /// Reads more into the buffer (after moving a partial header to its
-    /// front); `Io` at end of stream, `Idle` when nothing came by `deadline`.
+    /// Waits until the link has bytes; `Io` at end of stream or on an
+    /// error, `Idle` when nothing came by `deadline`.
     async fn fill(&mut self, deadline: tokio::time::Instant) -> std::result::Result<(), ReadError> {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+        if !self.buffered()?.is_empty() {
+            return Ok(());
         }
-        let spare = self.buf.get_mut(self.end..).unwrap_or_default();
-        match tokio::time::timeout_at(deadline, self.rd.read(spare)).await {
-            Ok(Ok(n)) if n > 0 => {
-                self.end += n;
-                Ok(())
-            }
+        let ready =
+            std::future::poll_fn(|cx| Pin::new(&mut self.rd).poll_fill_buf(cx).map_ok(|b| b.len()));
+        match tokio::time::timeout_at(deadline, ready).await {
+            Ok(Ok(n)) if n > 0 => Ok(()),
             Ok(_) => Err(ReadError::Io),
             Err(_) => Err(ReadError::Idle),
         }
     }
 
-    /// The next frame; `Io` at end of stream or on a socket error, `Idle`
+    /// Copies buffered bytes into `dst` until it holds `upto`; returns how
+    /// many it copied.
+    fn take(&mut self, dst: &mut Vec<u8>, upto: usize) -> std::result::Result<usize, ReadError> {
+        let avail = self.buffered()?;
+        let n = avail.len().min(upto.saturating_sub(dst.len()));
+        dst.extend_from_slice(avail.get(..n).unwrap_or_default());
+        Pin::new(&mut self.rd).consume(n);
+        Ok(n)
+    }
+
+    /// The next frame; `Io` at end of stream or on a link error, `Idle`
     /// when the frame is not complete within `idle`. The header (and its
     /// length against the command's maximum) is checked before anything is
-    /// allocated for the payload. Frames already buffered cost no timer.
+    /// allocated for the payload.
     async fn next(
         &mut self,
         idle: Duration,
     ) -> std::result::Result<(FrameHeader, Bytes), ReadError> {
         let deadline = tokio::time::Instant::now() + idle;
+        let mut head = Vec::new();
         let hdr = loop {
-            if let Some(h) = self.buffered().first_chunk::<FRAME_HEADER_LEN>() {
+            // Fast path: the whole header is in the link's buffer.
+            if head.is_empty()
+                && let Some(h) = self.buffered()?.first_chunk::<FRAME_HEADER_LEN>()
+            {
+                let hdr =
+                    FrameHeader::decode(h).map_err(|_| ReadError::Bad("malformed frame header"))?;
+                Pin::new(&mut self.rd).consume(FRAME_HEADER_LEN);
+                break hdr;
+            }
+            self.fill(deadline).await?;
+            self.take(&mut head, FRAME_HEADER_LEN)?;
+            if let Some(h) = head.first_chunk::<FRAME_HEADER_LEN>() {
                 break FrameHeader::decode(h)
                     .map_err(|_| ReadError::Bad("malformed frame header"))?;
             }
-            self.fill(deadline).await?;
         };
-        self.start += FRAME_HEADER_LEN;
         let len = hdr.len as usize;
-        let have = self.buffered().len().min(len);
         let mut payload = Vec::with_capacity(len);
-        payload.extend_from_slice(self.buffered().get(..have).unwrap_or_default());
-        self.start += have;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        // The rest of a frame that straddles reads goes straight into it.
         while payload.len() < len {
-            let mut rest = (&mut self.rd).take((len - payload.len()) as u64);
-            match tokio::time::timeout_at(deadline, rest.read_buf(&mut payload)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return Err(ReadError::Io),
-                Err(_) => return Err(ReadError::Idle),
+            if self.take(&mut payload, len)? == 0 {
+                self.fill(deadline).await?;
             }
         }
         Ok((hdr, Bytes::from(payload)))
@@ -1429,7 +1432,7 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
 
 async fn writer_task(
     shared: Arc<Shared>,
-    mut wr: tokio::io::WriteHalf<BoxIo>,
+    mut wr: Box<dyn LinkWrite>,
     mut ordered_rx: mpsc::UnboundedReceiver<Frame>,
     mut ctrl_rx: mpsc::UnboundedReceiver<Frame>,
 ) {
@@ -1686,7 +1689,8 @@ mod tests {
             let (mut a, b) = tokio::io::duplex(pipe);
             let w = wire.clone();
             let writer = tokio::spawn(async move { a.write_all(&w).await });
-            let mut rd = FrameReader::new(b);
+            // A link buffer smaller than a header makes headers straddle.
+            let mut rd = FrameReader::new(tokio::io::BufReader::with_capacity(pipe.min(8192), b));
             for (h, p) in &frames {
                 let (gh, gp) = rd
                     .next(Duration::from_secs(5))
@@ -1719,7 +1723,7 @@ mod tests {
         h[9..].copy_from_slice(&u32::MAX.to_be_bytes());
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(&h).await.unwrap();
-        let mut rd = FrameReader::new(b);
+        let mut rd = FrameReader::new(tokio::io::BufReader::new(b));
         assert!(matches!(
             rd.next(Duration::from_secs(5)).await,
             Err(ReadError::Bad(_))

@@ -5,7 +5,8 @@
 //! node identities:
 //! - [`tls`]: the one identity-binding mechanism (RFC 7250 raw Ed25519 public
 //!   keys, expected node id in the server name) shared by both transports;
-//! - [`transport`]: TLS 1.3 over TCP and QUIC behind one trait;
+//! - [`transport`]: TLS 1.3 over TCP and QUIC behind one trait; over TCP,
+//!   rustls runs the handshake and `tcplink`/`record` move the records;
 //! - [`channel`]: the channel → circuit → stream framing with per-stream flow
 //!   control over any authenticated connection;
 //! - [`pool`]: one pooled channel per peer.
@@ -15,6 +16,8 @@
 pub mod channel;
 mod error;
 pub mod pool;
+mod record;
+mod tcplink;
 pub mod tls;
 pub mod transport;
 

@@ -332,6 +332,9 @@ impl TlsConfigs {
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
         server.max_early_data_size = 0;
+        // Over TCP rustls runs the handshake and hands the traffic keys to
+        // our record layer (`tcplink`); QUIC ignores this.
+        server.enable_secret_extraction = true;
 
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&tls13_only)
@@ -343,6 +346,7 @@ impl TlsConfigs {
         client.resumption = Resumption::disabled();
         // The server name is the expected node id: keep it off the wire.
         client.enable_sni = false;
+        client.enable_secret_extraction = true;
 
         Ok(Self {
             client: Arc::new(client),

@@ -25,14 +25,14 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 use vx6_proto::record::{Endpoint, TransportKind};
 use vx6_proto::{NodeId, NodeKeypair};
 
+use crate::tcplink;
 use crate::tls::{self, TlsConfigs};
 use crate::{NetError, Result};
 
@@ -56,14 +56,71 @@ const SHARED_PORT_ATTEMPTS: usize = 8;
 /// listener does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
-/// A byte stream a [`Conn`] carries.
-pub trait AsyncIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncIo for T {}
-pub type BoxIo = Box<dyn AsyncIo>;
+/// The receiving half of a [`Conn`]: buffered, so a reader can parse what
+/// arrived where it lies (the TCP link lends out opened records).
+pub trait LinkRead: AsyncBufRead + AsyncRead + Send + Unpin + 'static {}
+impl<T: AsyncBufRead + AsyncRead + Send + Unpin + 'static> LinkRead for T {}
+/// The sending half of a [`Conn`].
+pub trait LinkWrite: AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncWrite + Send + Unpin + 'static> LinkWrite for T {}
 
-/// Socket reads under TLS go through a buffer this large: rustls asks for
-/// 4 KiB at a time, which would cost a `recvfrom` per 4 KiB.
-const TCP_READ_BUF: usize = 64 * 1024;
+/// The byte stream a [`Conn`] carries, as two halves that need no lock
+/// between them; it is also one `AsyncRead + AsyncWrite` for simple uses.
+pub struct LinkIo {
+    pub rd: Box<dyn LinkRead>,
+    pub wr: Box<dyn LinkWrite>,
+}
+
+impl LinkIo {
+    /// Any byte stream as a link (in-memory pipes in tests, say): its read
+    /// side gets a buffer, and the halves share a lock.
+    pub fn from_stream<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Self {
+        let (rd, wr) = tokio::io::split(stream);
+        Self {
+            rd: Box::new(tokio::io::BufReader::new(rd)),
+            wr: Box::new(wr),
+        }
+    }
+}
+
+impl AsyncRead for LinkIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.rd).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LinkIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.wr).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.wr).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.wr.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.wr).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.wr).poll_shutdown(cx)
+    }
+}
+
+/// A QUIC stream's receive side is read through a buffer this large.
+const QUIC_READ_BUF: usize = 64 * 1024;
 
 /// A boxed, sendable future (keeps [`Transport`] object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -83,9 +140,9 @@ pub struct Conn {
     pub peer: NodeId,
     pub transport: TransportKind,
     pub remote: SocketAddr,
-    /// TCP: the TLS stream (unbuffered; flush after writing). QUIC: one
-    /// bidirectional stream that also keeps its connection alive.
-    pub io: BoxIo,
+    /// TCP: the TLS link (flush after writing). QUIC: one bidirectional
+    /// stream whose halves also keep its connection alive.
+    pub io: LinkIo,
 }
 
 impl std::fmt::Debug for Conn {
@@ -674,69 +731,71 @@ async fn dial_tcp(shared: Arc<Shared>, addr: SocketAddr, expect: Expect) -> Resu
     }
     let name = ServerName::try_from(tls::server_name(expect))
         .map_err(|e| NetError::Config(format!("server name: {e}")))?;
-    let connector = TlsConnector::from(shared.tls.client.clone());
+    let config = shared.tls.client.clone();
     within(&shared, "dialling over TCP", async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let tcp = tokio::io::BufReader::with_capacity(TCP_READ_BUF, tcp);
-        let mut stream = connector.connect(name, tcp).await.map_err(|e| {
-            // A TLS failure comes back as an io::Error wrapping the rustls error.
-            match e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            {
-                Some(tls_err) => dial_handshake_error(expect, tls_err.to_string()),
-                None => NetError::Io(e),
-            }
-        })?;
-        let (_, session) = stream.get_ref();
-        let peer = tls::peer_node_id(session.peer_certificates())?;
+        let link = tcplink::client(tcp, config, name)
+            .await
+            .map_err(|e| match e {
+                NetError::Handshake(message) => dial_handshake_error(expect, message),
+                e => e,
+            })?;
+        let peer = tcp_peer(&link)?;
         check_expected(expect, peer)?;
-        if session.alpn_protocol() != Some(tls::ALPN) {
-            return Err(NetError::Protocol(
-                "peer did not agree on ALPN vx6/1".into(),
-            ));
-        }
-        stream.write_all(&PREAMBLE).await?;
-        stream.flush().await?;
+        let mut io = LinkIo {
+            rd: Box::new(link.reader),
+            wr: Box::new(link.writer),
+        };
+        io.write_all(&PREAMBLE).await?;
+        io.flush().await?;
         Ok(Conn {
             peer,
             transport: TransportKind::Tcp,
             remote: canonical(addr),
-            io: Box::new(stream),
+            io,
         })
     })
     .await
 }
 
-async fn accept_tcp(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr) -> Result<Conn> {
-    tcp.set_nodelay(true)?;
-    let tcp = tokio::io::BufReader::with_capacity(TCP_READ_BUF, tcp);
-    let mut stream = acceptor
-        .accept(tcp)
-        .await
-        .map_err(|e| NetError::Handshake(e.to_string()))?;
-    let (_, session) = stream.get_ref();
-    let peer = tls::peer_node_id(session.peer_certificates())?;
+/// Who the peer of a TCP link proved to be, once it agreed on our protocol.
+fn tcp_peer(link: &tcplink::Established) -> Result<NodeId> {
+    let peer = tls::peer_node_id(link.peer_certificates.as_deref())?;
     // The server offers one protocol; a client that offered none gets none.
-    if session.alpn_protocol() != Some(tls::ALPN) {
+    if link.alpn.as_deref() != Some(tls::ALPN) {
         return Err(NetError::Protocol(
             "peer did not agree on ALPN vx6/1".into(),
         ));
     }
+    Ok(peer)
+}
+
+async fn accept_tcp(
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+) -> Result<Conn> {
+    tcp.set_nodelay(true)?;
+    let link = tcplink::server(tcp, config).await?;
+    let peer = tcp_peer(&link)?;
+    let mut io = LinkIo {
+        rd: Box::new(link.reader),
+        wr: Box::new(link.writer),
+    };
     let mut preamble = [0u8; 4];
-    stream.read_exact(&mut preamble).await?;
+    io.read_exact(&mut preamble).await?;
     check_preamble(preamble)?;
     Ok(Conn {
         peer,
         transport: TransportKind::Tcp,
         remote: canonical(remote),
-        io: Box::new(stream),
+        io,
     })
 }
 
 async fn run_tcp_listener(listener: TcpListener, shared: Arc<Shared>) {
-    let acceptor = TlsAcceptor::from(shared.tls.server.clone());
+    let config = shared.tls.server.clone();
     loop {
         let accepted = tokio::select! {
             () = closed_signal(shared.closed.clone()) => return,
@@ -754,7 +813,7 @@ async fn run_tcp_listener(listener: TcpListener, shared: Arc<Shared>) {
             Counters::bump(&shared.counters.dropped);
             continue; // dropping `tcp` closes it
         };
-        let handshake = accept_tcp(acceptor.clone(), tcp, remote);
+        let handshake = accept_tcp(config.clone(), tcp, remote);
         tokio::spawn(run_inbound_handshake(
             shared.clone(),
             permit,
@@ -870,12 +929,11 @@ async fn dial_quic(
         send.write_all(&PREAMBLE)
             .await
             .map_err(|e| NetError::Io(e.into()))?;
-        let io = QuicIo { send, recv, conn };
         Ok(Conn {
             peer,
             transport: TransportKind::Quic,
             remote: canonical(addr),
-            io: Box::new(io),
+            io: quic_io(send, recv, conn),
         })
     })
     .await
@@ -895,12 +953,11 @@ async fn accept_quic(incoming: quinn::Incoming) -> Result<Conn> {
         .await
         .map_err(|e| NetError::Protocol(format!("reading the preamble: {e}")))?;
     check_preamble(preamble)?;
-    let io = QuicIo { send, recv, conn };
     Ok(Conn {
         peer,
         transport: TransportKind::Quic,
         remote,
-        io: Box::new(io),
+        io: quic_io(send, recv, conn),
     })
 }
 
@@ -928,15 +985,27 @@ async fn run_quic_listener(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     }
 }
 
-/// One QUIC bidirectional stream as a single byte stream, owning its
-/// connection so the connection lives exactly as long as the stream.
-struct QuicIo {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    conn: quinn::Connection,
+/// One QUIC bidirectional stream as a link; each half holds the connection,
+/// so it lives exactly as long as the stream.
+fn quic_io(send: quinn::SendStream, recv: quinn::RecvStream, conn: quinn::Connection) -> LinkIo {
+    LinkIo {
+        rd: Box::new(tokio::io::BufReader::with_capacity(
+            QUIC_READ_BUF,
+            QuicRecv {
+                recv,
+                _conn: conn.clone(),
+            },
+        )),
+        wr: Box::new(QuicSend { send, conn }),
+    }
 }
 
-impl AsyncRead for QuicIo {
+struct QuicRecv {
+    recv: quinn::RecvStream,
+    _conn: quinn::Connection,
+}
+
+impl AsyncRead for QuicRecv {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -946,7 +1015,12 @@ impl AsyncRead for QuicIo {
     }
 }
 
-impl AsyncWrite for QuicIo {
+struct QuicSend {
+    send: quinn::SendStream,
+    conn: quinn::Connection,
+}
+
+impl AsyncWrite for QuicSend {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -962,7 +1036,7 @@ impl AsyncWrite for QuicIo {
     }
 }
 
-impl Drop for QuicIo {
+impl Drop for QuicSend {
     fn drop(&mut self) {
         // Dropping `send` finishes the stream; keep the connection until the
         // peer has acknowledged all of it (or stopped the stream, or gone),

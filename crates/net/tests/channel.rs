@@ -20,7 +20,7 @@ use vx6_net::channel::{
     Channel, ChannelConfig, Incoming, IncomingStream, RecvHalf, Role, SendHalf,
 };
 use vx6_net::pool::{Pool, StreamHandler};
-use vx6_net::transport::{Conn, Expect, NetConfig, Transports};
+use vx6_net::transport::{Conn, Expect, LinkIo, NetConfig, Transports};
 use vx6_proto::link::{
     CircId, Cmd, FRAME_HEADER_LEN, FrameHeader, MAX_DATA_PAYLOAD, StreamId, code,
 };
@@ -72,7 +72,7 @@ fn conn(io: DuplexStream, peer: NodeId) -> Conn {
         peer,
         transport: TransportKind::Tcp,
         remote: SocketAddr::from(([127, 0, 0, 1], 4242)),
-        io: Box::new(io),
+        io: LinkIo::from_stream(io),
     }
 }
 
@@ -745,7 +745,7 @@ async fn the_writer_batches_small_frames_in_order() {
         peer: node(3),
         transport: TransportKind::Tcp,
         remote: SocketAddr::from(([127, 0, 0, 1], 4242)),
-        io: Box::new(io),
+        io: LinkIo::from_stream(io),
     };
     let (chan, _inc) = Channel::spawn(c, Role::Dialer, ChannelConfig::default());
     let mut raw = Raw { io: y };
