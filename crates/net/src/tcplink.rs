@@ -46,6 +46,9 @@ pub const KEY_UPDATE_RECORDS: u64 = 1 << 22;
 const HS_KEY_UPDATE: u8 = 24;
 const HS_NEW_SESSION_TICKET: u8 = 4;
 const ALERT_CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// KeyUpdates a peer may send in a row without data between them (each
+/// costs us a key derivation); rustls allows about as many.
+const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
 
 /// What a finished handshake hands to the transport.
 pub struct Established {
@@ -189,13 +192,9 @@ async fn handshake<C: Unbuffered>(
         let UnbufferedStatus { mut discard, state } =
             conn.process(inbuf.get_mut(..filled).unwrap_or_default());
         let step = match state {
-            Err(e) => {
-                if state_error_flush(&mut conn, &mut outbuf).is_ok() && !outbuf.is_empty() {
-                    // Best effort: tell the peer why (its alert).
-                    let _ = tcp.write_all(&outbuf).await;
-                }
-                return Err(handshake_error(e));
-            }
+            // No alert is sent: rustls may not be called again after an
+            // error, and the peer learns as much from the connection closing.
+            Err(e) => return Err(handshake_error(e)),
             Ok(ConnectionState::EncodeTlsData(mut enc)) => {
                 encode(&mut outbuf, |b| enc.encode(b))?;
                 Step::Continue
@@ -282,6 +281,7 @@ async fn handshake<C: Unbuffered>(
             key: rx,
             keys: keys.clone(),
             eof: false,
+            updates_in_a_row: 0,
         },
         writer: LinkWriter {
             tcp: wr,
@@ -290,18 +290,10 @@ async fn handshake<C: Unbuffered>(
             key: tx,
             keys,
             key_update_records,
+            key_updates: 0,
             closed: false,
         },
     })
-}
-
-/// After a failed step, lets rustls encode the alert it queued, if any.
-fn state_error_flush<C: Unbuffered>(conn: &mut C, outbuf: &mut Vec<u8>) -> Result<()> {
-    let UnbufferedStatus { state, .. } = conn.process(&mut []);
-    if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
-        encode(outbuf, |b| enc.encode(b))?;
-    }
-    Ok(())
 }
 
 /// Appends what `enc` encodes to `out`, growing it as rustls asks.
@@ -342,6 +334,8 @@ pub struct LinkReader {
     key: RecordKey,
     keys: Arc<Keys>,
     eof: bool,
+    /// KeyUpdates received since the last data.
+    updates_in_a_row: u8,
 }
 
 impl LinkReader {
@@ -368,6 +362,9 @@ impl LinkReader {
         let body = rec.get(range.clone()).unwrap_or_default();
         match ty {
             ContentType::ApplicationData => {
+                if !range.is_empty() {
+                    self.updates_in_a_row = 0;
+                }
                 self.plain = at + range.start..at + range.end;
             }
             ContentType::Alert if body == ALERT_CLOSE_NOTIFY => self.eof = true,
@@ -408,6 +405,10 @@ impl LinkReader {
             }
         }
         if rekey {
+            self.updates_in_a_row += 1;
+            if self.updates_in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
+                return Err(invalid("too many key updates"));
+            }
             // A KeyUpdate must end its record (RFC 8446 §5.1); the next
             // record is under the new key.
             self.key = self.keys.next(false)?;
@@ -490,6 +491,8 @@ pub struct LinkWriter {
     key: RecordKey,
     keys: Arc<Keys>,
     key_update_records: u64,
+    /// KeyUpdates sent (tests check that a requested one is answered).
+    key_updates: u64,
     closed: bool,
 }
 
@@ -520,6 +523,7 @@ impl LinkWriter {
     fn update_key(&mut self) -> io::Result<()> {
         self.seal_one(ContentType::Handshake, &[HS_KEY_UPDATE, 0, 0, 1, 0])?;
         self.key = self.keys.next(true)?;
+        self.key_updates += 1;
         Ok(())
     }
 
@@ -602,5 +606,278 @@ impl AsyncWrite for LinkWriter {
             ready!(this.poll_drain(cx))?;
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Interop with rustls' own record layer both ways, across key updates
+    //! from either side, data that arrives with the handshake, and hostile
+    //! records.
+    use std::io::Write as _;
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+    use vx6_proto::NodeKeypair;
+
+    use super::*;
+    use crate::tls::{self, TlsConfigs};
+    use crate::transport::Expect;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 + i / 4093) as u8).collect()
+    }
+
+    fn name_for(key: &NodeKeypair) -> ServerName<'static> {
+        ServerName::try_from(tls::server_name(Expect::Node(key.node_id()))).unwrap()
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Sends `payload` through `wr` in uneven writes while reading it back
+    /// from `rd`; returns what came back.
+    async fn echo_through<W: AsyncWrite + Unpin + Send + 'static>(
+        mut rd: impl AsyncRead + Unpin,
+        mut wr: W,
+        payload: Vec<u8>,
+    ) -> (Vec<u8>, W) {
+        let len = payload.len();
+        let writer = tokio::spawn(async move {
+            for chunk in payload.chunks(50_000) {
+                let (a, b) = chunk.split_at(chunk.len() / 3);
+                let mut slices = [io::IoSlice::new(a), io::IoSlice::new(b)];
+                crate::channel::write_all_vectored(&mut wr, &mut slices)
+                    .await
+                    .unwrap();
+                wr.flush().await.unwrap();
+            }
+            wr
+        });
+        let mut back = vec![0u8; len];
+        tokio::time::timeout(WAIT, rd.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        (back, writer.await.unwrap())
+    }
+
+    /// A rustls server (tokio-rustls) that echoes, asking for a key update
+    /// every `every` bytes.
+    async fn rustls_echo_server(tcp: TcpStream, configs: TlsConfigs, every: usize) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(configs.server);
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut since = 0;
+        // The test ends the connection without close_notify.
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            s.write_all(&buf[..n]).await.unwrap();
+            s.flush().await.unwrap();
+            since += n;
+            if since >= every {
+                since = 0;
+                s.get_mut().1.refresh_traffic_keys().unwrap();
+            }
+        }
+        let _ = s.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn our_client_and_a_rustls_server_agree_across_key_updates() {
+        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
+        let server_cfg = TlsConfigs::new(&server_key).unwrap();
+        let client_cfg = TlsConfigs::new(&client_key).unwrap();
+        let (a, b) = pair().await;
+        let server = tokio::spawn(rustls_echo_server(b, server_cfg, 300_000));
+        let conn =
+            UnbufferedClientConnection::new(client_cfg.client, name_for(&server_key)).unwrap();
+        // Our side updates its key every 5 records; the server every ~300 KB.
+        let link = handshake(conn, a, 5).await.unwrap();
+        let payload = data(3 << 20);
+        let (back, writer) = echo_through(link.reader, link.writer, payload.clone()).await;
+        assert!(back == payload, "echo differs");
+        assert!(writer.key_updates > 40, "{}", writer.key_updates);
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_update_the_peer_requests_is_answered() {
+        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
+        let server_cfg = TlsConfigs::new(&server_key).unwrap();
+        let client_cfg = TlsConfigs::new(&client_key).unwrap();
+        let (a, b) = pair().await;
+        // rustls asks for our update with each of its own (every ~100 KB).
+        let server = tokio::spawn(rustls_echo_server(b, server_cfg, 100_000));
+        let conn =
+            UnbufferedClientConnection::new(client_cfg.client, name_for(&server_key)).unwrap();
+        let link = handshake(conn, a, u64::MAX).await.unwrap();
+        let (mut rd, mut wr) = (link.reader, link.writer);
+        // In lockstep, so there is always a next write to answer with.
+        let payload = data(1 << 20);
+        for chunk in payload.chunks(64 * 1024) {
+            wr.write_all(chunk).await.unwrap();
+            wr.flush().await.unwrap();
+            let mut back = vec![0u8; chunk.len()];
+            tokio::time::timeout(WAIT, rd.read_exact(&mut back))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(back == chunk, "echo differs");
+        }
+        // Our own schedule never fires here: every update was an answer.
+        assert!(wr.key_updates >= 3, "{}", wr.key_updates);
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rustls_client_and_our_server_agree_across_key_updates() {
+        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
+        let server_cfg = TlsConfigs::new(&server_key).unwrap();
+        let client_cfg = TlsConfigs::new(&client_key).unwrap();
+        let (a, b) = pair().await;
+        let ours = tokio::spawn(async move {
+            let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
+            let link = handshake(conn, b, 7).await.unwrap();
+            assert_eq!(
+                tls::peer_node_id(link.peer_certificates.as_deref()).unwrap(),
+                client_key.node_id()
+            );
+            assert_eq!(link.alpn.as_deref(), Some(tls::ALPN));
+            // Echo everything back through our halves.
+            let (mut rd, mut wr) = (link.reader, link.writer);
+            tokio::io::copy_buf(&mut rd, &mut wr).await.unwrap();
+            wr.shutdown().await.unwrap();
+        });
+        let connector = tokio_rustls::TlsConnector::from(client_cfg.client);
+        let s = connector.connect(name_for(&server_key), a).await.unwrap();
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let payload = data(2 << 20);
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(200_000) {
+                wr.write_all(chunk).await.unwrap();
+                wr.flush().await.unwrap();
+            }
+            wr
+        });
+        let mut back = vec![0u8; payload.len()];
+        tokio::time::timeout(WAIT, rd.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back == payload, "echo differs");
+        // Now a key update from the rustls side, then close: our server
+        // must follow the update and see the close_notify as a clean end.
+        let mut s = rd.unsplit(writer.await.unwrap());
+        s.get_mut().1.refresh_traffic_keys().unwrap();
+        s.write_all(b"after the update").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut tail = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut tail))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(tail, b"after the update");
+        tokio::time::timeout(WAIT, ours).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_sent_with_the_clients_finished_is_not_lost() {
+        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
+        let server_cfg = TlsConfigs::new(&server_key).unwrap();
+        let client_cfg = TlsConfigs::new(&client_key).unwrap();
+        let (a, b) = pair().await;
+        // A blocking rustls client that queues data before the handshake
+        // completes: rustls sends it in the same write as its Finished.
+        let a = a.into_std().unwrap();
+        a.set_nonblocking(false).unwrap();
+        let client = std::thread::spawn(move || {
+            let mut a = a;
+            let mut c =
+                rustls::ClientConnection::new(client_cfg.client, name_for(&server_key)).unwrap();
+            c.writer().write_all(b"early words").unwrap();
+            while c.is_handshaking() || c.wants_write() {
+                c.complete_io(&mut a).unwrap();
+            }
+            // Keep the socket open until the server has read.
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
+        let mut link = tokio::time::timeout(WAIT, handshake(conn, b, KEY_UPDATE_RECORDS))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut got = [0u8; 11];
+        tokio::time::timeout(WAIT, link.reader.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"early words");
+        client.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_records_end_the_link_with_an_error() {
+        let server_key = NodeKeypair::generate();
+        for bad in [
+            // Outer type must be application_data.
+            vec![22u8, 3, 3, 0, 20],
+            // Longer than any record may be.
+            vec![23, 3, 3, 0xff, 0xff],
+            // Well formed, but fails authentication.
+            [vec![23, 3, 3, 0, 40], vec![0xAA; 40]].concat(),
+        ] {
+            let server_cfg = TlsConfigs::new(&server_key).unwrap();
+            let client_cfg = TlsConfigs::new(&NodeKeypair::generate()).unwrap();
+            let (a, b) = pair().await;
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let ours = tokio::spawn(async move {
+                let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
+                let mut link = handshake(conn, b, KEY_UPDATE_RECORDS).await.unwrap();
+                ready_tx.send(()).unwrap();
+                let mut buf = [0u8; 16];
+                tokio::time::timeout(WAIT, link.reader.read(&mut buf))
+                    .await
+                    .unwrap()
+            });
+            let connector = tokio_rustls::TlsConnector::from(client_cfg.client);
+            let mut s = connector.connect(name_for(&server_key), a).await.unwrap();
+            // After the handshake, or rustls' handshake would see it.
+            ready_rx.await.unwrap();
+            s.get_mut().0.write_all(&bad).await.unwrap();
+            let r = ours.await.unwrap();
+            let e = r.expect_err("a hostile record was accepted");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}: {e}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_key_updates_ends_the_link() {
+        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
+        let server_cfg = TlsConfigs::new(&server_key).unwrap();
+        let client_cfg = TlsConfigs::new(&client_key).unwrap();
+        let (a, b) = pair().await;
+        let ours = tokio::spawn(async move {
+            let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
+            let mut link = handshake(conn, b, KEY_UPDATE_RECORDS).await.unwrap();
+            let mut buf = [0u8; 16];
+            tokio::time::timeout(WAIT, link.reader.read(&mut buf))
+                .await
+                .unwrap()
+        });
+        let connector = tokio_rustls::TlsConnector::from(client_cfg.client);
+        let mut s = connector.connect(name_for(&server_key), a).await.unwrap();
+        for _ in 0..=MAX_KEY_UPDATES_IN_A_ROW {
+            s.get_mut().1.refresh_traffic_keys().unwrap();
+            s.flush().await.unwrap();
+        }
+        let e = ours.await.unwrap().expect_err("the flood was accepted");
+        assert!(e.to_string().contains("too many key updates"), "{e}");
     }
 }
