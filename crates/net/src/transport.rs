@@ -50,6 +50,12 @@ const QUIC_CONN_WINDOW: u32 = 16 << 20;
 /// already written reaches the peer (dropping the last `quinn::Connection`
 /// closes it at once and discards anything unsent).
 const QUIC_LINGER: Duration = Duration::from_secs(10);
+/// Largest UDP payload MTU discovery probes for (and we accept), for
+/// loopback, namespaces and jumbo frames (a 1500-byte path settles just
+/// under it after a few lost probes).
+/// quinn sends up to ten packets in one GSO send, which must fit in 64 KiB:
+/// 8952 made those sends fail and transfers stall.
+const QUIC_MAX_UDP_PAYLOAD: u16 = 6400;
 /// Attempts at finding a port free on both TCP and UDP when binding port 0.
 const SHARED_PORT_ATTEMPTS: usize = 8;
 /// Back-off after a failed `accept()` (e.g. out of file descriptors), so the
@@ -629,6 +635,9 @@ fn quic_transport_config(cfg: &NetConfig) -> Result<quinn::TransportConfig> {
         // nothing would ever read a second one, so none may be opened.
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(QUIC_MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
 }
 
@@ -866,12 +875,11 @@ impl QuicTransport {
         socket: std::net::UdpSocket,
         server: Option<quinn::ServerConfig>,
     ) -> Result<Self> {
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            server,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(QUIC_MAX_UDP_PAYLOAD)
+            .map_err(|e| NetError::Config(format!("QUIC endpoint: {e}")))?;
+        let endpoint = quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))?;
         let local = endpoint.local_addr()?;
         Ok(Self {
             shared,
