@@ -379,42 +379,63 @@ impl LinkReader {
         Ok(true)
     }
 
-    /// Handles the messages of a post-handshake record.
+    /// Acts on the messages of a post-handshake record.
     fn post_handshake(&mut self, range: std::ops::Range<usize>) -> io::Result<()> {
-        let mut rest = self.buf.get(range).unwrap_or_default();
-        let mut rekey = false;
-        while !rest.is_empty() {
-            let Some((&[ty, a, b, c], tail)) = rest.split_first_chunk::<4>() else {
-                return Err(invalid("truncated handshake message"));
-            };
-            let len = u32::from_be_bytes([0, a, b, c]) as usize;
-            let (body, tail) = tail
-                .split_at_checked(len)
-                .ok_or_else(|| invalid("truncated handshake message"))?;
-            rest = tail;
-            match (ty, body) {
-                (HS_KEY_UPDATE, [asked]) if *asked <= 1 && !rekey => {
-                    rekey = true;
-                    if *asked == 1 {
-                        self.keys.peer_asked_update.store(true, Ordering::Release);
-                    }
+        let body = self.buf.get(range).unwrap_or_default();
+        match parse_post_handshake(body).map_err(invalid)? {
+            PostHandshake::Ignore => {}
+            PostHandshake::KeyUpdate { answer } => {
+                self.updates_in_a_row += 1;
+                if self.updates_in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
+                    return Err(invalid("too many key updates"));
                 }
-                // Resumption is off: a ticket is useless, not an error.
-                (HS_NEW_SESSION_TICKET, _) => {}
-                _ => return Err(invalid("unexpected post-handshake message")),
+                if answer {
+                    self.keys.peer_asked_update.store(true, Ordering::Release);
+                }
+                // The next record is under the new key.
+                self.key = self.keys.next(false)?;
             }
-        }
-        if rekey {
-            self.updates_in_a_row += 1;
-            if self.updates_in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
-                return Err(invalid("too many key updates"));
-            }
-            // A KeyUpdate must end its record (RFC 8446 §5.1); the next
-            // record is under the new key.
-            self.key = self.keys.next(false)?;
         }
         Ok(())
     }
+}
+
+/// What a post-handshake record asks of the receiver.
+#[derive(Debug, PartialEq, Eq)]
+enum PostHandshake {
+    Ignore,
+    /// Switch the receiving key; `answer`: the peer asked for ours too.
+    KeyUpdate {
+        answer: bool,
+    },
+}
+
+/// Parses the handshake messages of one post-handshake record: any number of
+/// NewSessionTickets (ignored: resumption is off), then at most one
+/// KeyUpdate, which must end the record (RFC 8446 §5.1). Anything else, a
+/// truncated message or trailing bytes is refused.
+fn parse_post_handshake(mut rest: &[u8]) -> Result<PostHandshake, &'static str> {
+    let mut what = PostHandshake::Ignore;
+    while !rest.is_empty() {
+        if what != PostHandshake::Ignore {
+            return Err("a KeyUpdate must end its record");
+        }
+        let Some((&[ty, a, b, c], tail)) = rest.split_first_chunk::<4>() else {
+            return Err("truncated handshake message");
+        };
+        let len = u32::from_be_bytes([0, a, b, c]) as usize;
+        let (body, tail) = tail
+            .split_at_checked(len)
+            .ok_or("truncated handshake message")?;
+        rest = tail;
+        match (ty, body) {
+            (HS_KEY_UPDATE, [0]) => what = PostHandshake::KeyUpdate { answer: false },
+            (HS_KEY_UPDATE, [1]) => what = PostHandshake::KeyUpdate { answer: true },
+            (HS_NEW_SESSION_TICKET, _) => {}
+            _ => return Err("unexpected post-handshake message"),
+        }
+    }
+    Ok(what)
 }
 
 impl AsyncBufRead for LinkReader {
@@ -854,6 +875,40 @@ mod tests {
             let r = ours.await.unwrap();
             let e = r.expect_err("a hostile record was accepted");
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn post_handshake_messages_parse_strictly() {
+        use PostHandshake::*;
+        let ku = |b: u8| vec![HS_KEY_UPDATE, 0, 0, 1, b];
+        let nst = vec![HS_NEW_SESSION_TICKET, 0, 0, 2, 9, 9];
+        assert_eq!(
+            parse_post_handshake(&ku(0)),
+            Ok(KeyUpdate { answer: false })
+        );
+        assert_eq!(parse_post_handshake(&ku(1)), Ok(KeyUpdate { answer: true }));
+        assert_eq!(parse_post_handshake(&nst), Ok(Ignore));
+        assert_eq!(
+            parse_post_handshake(&[nst.clone(), ku(1)].concat()),
+            Ok(KeyUpdate { answer: true })
+        );
+        for bad in [
+            ku(2),                                         // unknown request value
+            [ku(0), nst.clone()].concat(),                 // KeyUpdate not last
+            [ku(0), ku(0)].concat(),                       // two in one record
+            vec![HS_KEY_UPDATE, 0, 0, 2, 0, 0],            // wrong length
+            vec![20, 0, 0, 0],                             // Finished after the handshake
+            vec![HS_NEW_SESSION_TICKET, 0, 0],             // truncated header
+            vec![HS_NEW_SESSION_TICKET, 0, 0, 9, 1],       // truncated body
+            vec![HS_NEW_SESSION_TICKET, 0xff, 0xff, 0xff], // length past the end
+        ] {
+            assert!(parse_post_handshake(&bad).is_err(), "{bad:?} accepted");
+        }
+        // Every cut of a valid record is refused or means less, never a panic.
+        let good = [nst.clone(), ku(1)].concat();
+        for cut in 0..good.len() {
+            let _ = parse_post_handshake(&good[..cut]);
         }
     }
 
