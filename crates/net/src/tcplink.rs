@@ -37,8 +37,9 @@ use crate::{NetError, Result};
 /// The reader's buffer: several records per `read`, and room for a whole
 /// record behind a partial one.
 const READ_BUF: usize = 128 * 1024;
-/// Plaintext one `poll_write` seals before it writes (one system call).
-const WRITE_MAX: usize = 256 * 1024;
+/// Plaintext one `poll_write` seals before it writes (one system call):
+/// a whole channel write batch (128 KiB plus one frame).
+const WRITE_MAX: usize = 144 * 1024;
 /// Records sent under one key before a KeyUpdate: 2^22 (64 GiB of full
 /// records), a quarter of AES-128-GCM's confidentiality limit in rustls.
 pub const KEY_UPDATE_RECORDS: u64 = 1 << 22;
@@ -285,7 +286,8 @@ async fn handshake<C: Unbuffered>(
         },
         writer: LinkWriter {
             tcp: wr,
-            out: Vec::with_capacity(WRITE_MAX + WRITE_MAX / MAX_PLAINTEXT * 64 + MAX_RECORD),
+            // Grows with the largest batch; an idle link stays small.
+            out: Vec::new(),
             sent: 0,
             key: tx,
             keys,

@@ -51,10 +51,9 @@ const QUIC_CONN_WINDOW: u32 = 16 << 20;
 /// closes it at once and discards anything unsent).
 const QUIC_LINGER: Duration = Duration::from_secs(10);
 /// Largest UDP payload MTU discovery probes for (and we accept), for
-/// loopback, namespaces and jumbo frames (a 1500-byte path settles just
-/// under it after a few lost probes).
-/// quinn sends up to ten packets in one GSO send, which must fit in 64 KiB:
-/// 8952 made those sends fail and transfers stall.
+/// loopback, namespaces and jumbo frames (a 1500-byte path settles just under
+/// its MTU after a few lost probes). quinn sends up to ten packets in one GSO
+/// send, which must fit in 64 KiB: 8952 made those sends fail and stall.
 const QUIC_MAX_UDP_PAYLOAD: u16 = 6400;
 /// Attempts at finding a port free on both TCP and UDP when binding port 0.
 const SHARED_PORT_ATTEMPTS: usize = 8;
@@ -750,12 +749,8 @@ async fn dial_tcp(shared: Arc<Shared>, addr: SocketAddr, expect: Expect) -> Resu
                 NetError::Handshake(message) => dial_handshake_error(expect, message),
                 e => e,
             })?;
-        let peer = tcp_peer(&link)?;
+        let (peer, mut io) = tcp_link(link)?;
         check_expected(expect, peer)?;
-        let mut io = LinkIo {
-            rd: Box::new(link.reader),
-            wr: Box::new(link.writer),
-        };
         io.write_all(&PREAMBLE).await?;
         io.flush().await?;
         Ok(Conn {
@@ -768,8 +763,9 @@ async fn dial_tcp(shared: Arc<Shared>, addr: SocketAddr, expect: Expect) -> Resu
     .await
 }
 
-/// Who the peer of a TCP link proved to be, once it agreed on our protocol.
-fn tcp_peer(link: &tcplink::Established) -> Result<NodeId> {
+/// Who the peer of a TCP link proved to be, once it agreed on our protocol,
+/// and the link.
+fn tcp_link(link: tcplink::Established) -> Result<(NodeId, LinkIo)> {
     let peer = tls::peer_node_id(link.peer_certificates.as_deref())?;
     // The server offers one protocol; a client that offered none gets none.
     if link.alpn.as_deref() != Some(tls::ALPN) {
@@ -777,7 +773,11 @@ fn tcp_peer(link: &tcplink::Established) -> Result<NodeId> {
             "peer did not agree on ALPN vx6/1".into(),
         ));
     }
-    Ok(peer)
+    let io = LinkIo {
+        rd: Box::new(link.reader),
+        wr: Box::new(link.writer),
+    };
+    Ok((peer, io))
 }
 
 async fn accept_tcp(
@@ -787,11 +787,7 @@ async fn accept_tcp(
 ) -> Result<Conn> {
     tcp.set_nodelay(true)?;
     let link = tcplink::server(tcp, config).await?;
-    let peer = tcp_peer(&link)?;
-    let mut io = LinkIo {
-        rd: Box::new(link.reader),
-        wr: Box::new(link.writer),
-    };
+    let (peer, mut io) = tcp_link(link)?;
     let mut preamble = [0u8; 4];
     io.read_exact(&mut preamble).await?;
     check_preamble(preamble)?;

@@ -242,6 +242,7 @@ pub(crate) fn admit_node_record(node: &Node, bytes: &[u8]) -> Result<Option<Sign
             .counters
             .records_accepted
             .fetch_add(1, Ordering::Relaxed);
+        learnt(node, &rec);
         Ok(Some(rec))
     } else {
         inner.counters.records_stale.fetch_add(1, Ordering::Relaxed);
@@ -294,6 +295,7 @@ pub(crate) fn admit_node_records(node: &Node, batch: &[Vec<u8>]) -> Vec<Signed<N
                 .counters
                 .records_accepted
                 .fetch_add(1, Ordering::Relaxed);
+            learnt(node, &rec);
             out.push(rec);
         }
     }
@@ -532,14 +534,28 @@ pub(crate) fn spawn_background(node: &Node) {
     let n = node.clone();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(RELAY_MEET_EVERY).await;
+            tokio::select! {
+                () = tokio::time::sleep(RELAY_MEET_EVERY) => {}
+                () = n.inner().relay.meet_soon.notified() => {}
+            }
             meet_relays(&n).await;
+            // Records a peer pushes cannot make this loop spin.
+            tokio::time::sleep(RELAY_MEET_GAP).await;
         }
     });
 }
 
-/// How often a relay looks for relays it has not met yet.
+/// Tells the relay-meeting loop that `rec`, just learnt, may be a relay to meet.
+fn learnt(node: &Node, rec: &Signed<NodeRecord>) {
+    if rec.body.caps.has(Capabilities::RELAY) {
+        node.inner().relay.meet_soon.notify_one();
+    }
+}
+
+/// How often a relay looks for relays it has not met yet (and at once when
+/// it learns of a new one, at most once per `RELAY_MEET_GAP`).
 const RELAY_MEET_EVERY: Duration = Duration::from_secs(3);
+const RELAY_MEET_GAP: Duration = Duration::from_millis(200);
 /// Relays a relay keeps acquainted with (bounded, so background traffic does
 /// not grow with the network).
 const MAX_MET_RELAYS: usize = 64;

@@ -761,7 +761,7 @@ impl Node {
                 }
                 Err(e) => last_err = Some(e),
             }
-            tokio::time::sleep(Duration::from_millis(250 * (attempt + 1))).await;
+            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
         }
         let first = match (first, last_err) {
             (Some(c), _) => c,

@@ -57,6 +57,9 @@ pub struct RelayState {
     window: std::sync::Mutex<(std::time::Instant, u64, u64)>,
     /// Transit share of the last complete window, in thousandths.
     last_share: AtomicU64,
+    /// Woken when a relay's record is first learnt, so this node meets it
+    /// now rather than at the next periodic round (discovery.rs).
+    pub(crate) meet_soon: tokio::sync::Notify,
 }
 
 impl RelayState {
@@ -80,6 +83,7 @@ impl RelayState {
             refused_unverified: AtomicU64::new(0),
             window: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
             last_share: AtomicU64::new(0),
+            meet_soon: tokio::sync::Notify::new(),
         }
     }
 
