@@ -657,11 +657,78 @@ mod tests {
         ServerName::try_from(tls::server_name(Expect::Node(key.node_id()))).unwrap()
     }
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    /// Two fresh node keys with their TLS configs, and a connected socket
+    /// pair: `client_tcp` dials, `server_tcp` accepted.
+    struct Ends {
+        server_key: NodeKeypair,
+        client_key: NodeKeypair,
+        server: TlsConfigs,
+        client: TlsConfigs,
+        client_tcp: TcpStream,
+        server_tcp: TcpStream,
+    }
+
+    async fn ends() -> Ends {
+        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (a.unwrap(), b.unwrap().0)
+        Ends {
+            server: TlsConfigs::new(&server_key).unwrap(),
+            client: TlsConfigs::new(&client_key).unwrap(),
+            server_key,
+            client_key,
+            client_tcp: a.unwrap(),
+            server_tcp: b.unwrap().0,
+        }
+    }
+
+    /// Our server side of a handshake.
+    async fn our_server(tcp: TcpStream, cfg: TlsConfigs, key_update_records: u64) -> Established {
+        let conn = UnbufferedServerConnection::new(cfg.server).unwrap();
+        handshake(conn, tcp, key_update_records).await.unwrap()
+    }
+
+    /// Our client side of a handshake with the node of `server_key`.
+    async fn our_client(
+        tcp: TcpStream,
+        cfg: TlsConfigs,
+        server_key: &NodeKeypair,
+        key_update_records: u64,
+    ) -> Established {
+        let conn = UnbufferedClientConnection::new(cfg.client, name_for(server_key)).unwrap();
+        handshake(conn, tcp, key_update_records).await.unwrap()
+    }
+
+    /// A stock rustls client (tokio-rustls) connected to the node of `server_key`.
+    async fn rustls_client(
+        tcp: TcpStream,
+        cfg: TlsConfigs,
+        server_key: &NodeKeypair,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let connector = tokio_rustls::TlsConnector::from(cfg.client);
+        connector.connect(name_for(server_key), tcp).await.unwrap()
+    }
+
+    /// Our server, which says when its handshake is done and then reports
+    /// what its first read gets.
+    fn our_server_first_read(
+        tcp: TcpStream,
+        cfg: TlsConfigs,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::task::JoinHandle<io::Result<usize>>,
+    ) {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let read = tokio::spawn(async move {
+            let mut link = our_server(tcp, cfg, KEY_UPDATE_RECORDS).await;
+            let _ = ready_tx.send(());
+            let mut buf = [0u8; 16];
+            tokio::time::timeout(WAIT, link.reader.read(&mut buf))
+                .await
+                .unwrap()
+        });
+        (ready_rx, read)
     }
 
     /// Sends `payload` through `wr` in uneven writes while reading it back
@@ -713,15 +780,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn our_client_and_a_rustls_server_agree_across_key_updates() {
-        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
-        let server_cfg = TlsConfigs::new(&server_key).unwrap();
-        let client_cfg = TlsConfigs::new(&client_key).unwrap();
-        let (a, b) = pair().await;
-        let server = tokio::spawn(rustls_echo_server(b, server_cfg, 300_000));
-        let conn =
-            UnbufferedClientConnection::new(client_cfg.client, name_for(&server_key)).unwrap();
+        let e = ends().await;
+        let server = tokio::spawn(rustls_echo_server(e.server_tcp, e.server, 300_000));
         // Our side updates its key every 5 records; the server every ~300 KB.
-        let link = handshake(conn, a, 5).await.unwrap();
+        let link = our_client(e.client_tcp, e.client, &e.server_key, 5).await;
         let payload = data(3 << 20);
         let (back, writer) = echo_through(link.reader, link.writer, payload.clone()).await;
         assert!(back == payload, "echo differs");
@@ -731,15 +793,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_key_update_the_peer_requests_is_answered() {
-        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
-        let server_cfg = TlsConfigs::new(&server_key).unwrap();
-        let client_cfg = TlsConfigs::new(&client_key).unwrap();
-        let (a, b) = pair().await;
+        let e = ends().await;
         // rustls asks for our update with each of its own (every ~100 KB).
-        let server = tokio::spawn(rustls_echo_server(b, server_cfg, 100_000));
-        let conn =
-            UnbufferedClientConnection::new(client_cfg.client, name_for(&server_key)).unwrap();
-        let link = handshake(conn, a, u64::MAX).await.unwrap();
+        let server = tokio::spawn(rustls_echo_server(e.server_tcp, e.server, 100_000));
+        let link = our_client(e.client_tcp, e.client, &e.server_key, u64::MAX).await;
         let (mut rd, mut wr) = (link.reader, link.writer);
         // In lockstep, so there is always a next write to answer with.
         let payload = data(1 << 20);
@@ -760,16 +817,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rustls_client_and_our_server_agree_across_key_updates() {
-        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
-        let server_cfg = TlsConfigs::new(&server_key).unwrap();
-        let client_cfg = TlsConfigs::new(&client_key).unwrap();
-        let (a, b) = pair().await;
+        let e = ends().await;
+        let client_id = e.client_key.node_id();
         let ours = tokio::spawn(async move {
-            let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
-            let link = handshake(conn, b, 7).await.unwrap();
+            let link = our_server(e.server_tcp, e.server, 7).await;
             assert_eq!(
                 tls::peer_node_id(link.peer_certificates.as_deref()).unwrap(),
-                client_key.node_id()
+                client_id
             );
             assert_eq!(link.alpn.as_deref(), Some(tls::ALPN));
             // Echo everything back through our halves.
@@ -777,8 +831,7 @@ mod tests {
             tokio::io::copy_buf(&mut rd, &mut wr).await.unwrap();
             wr.shutdown().await.unwrap();
         });
-        let connector = tokio_rustls::TlsConnector::from(client_cfg.client);
-        let s = connector.connect(name_for(&server_key), a).await.unwrap();
+        let s = rustls_client(e.client_tcp, e.client, &e.server_key).await;
         let (mut rd, mut wr) = tokio::io::split(s);
         let payload = data(2 << 20);
         let sent = payload.clone();
@@ -812,10 +865,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn data_sent_with_the_clients_finished_is_not_lost() {
-        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
-        let server_cfg = TlsConfigs::new(&server_key).unwrap();
-        let client_cfg = TlsConfigs::new(&client_key).unwrap();
-        let (a, b) = pair().await;
+        let Ends {
+            server_key,
+            server: server_cfg,
+            client: client_cfg,
+            client_tcp: a,
+            server_tcp: b,
+            ..
+        } = ends().await;
         // A blocking rustls client that queues data before the handshake
         // completes: rustls sends it in the same write as its Finished.
         let a = a.into_std().unwrap();
@@ -831,10 +888,8 @@ mod tests {
             // Keep the socket open until the server has read.
             std::thread::sleep(Duration::from_millis(500));
         });
-        let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
-        let mut link = tokio::time::timeout(WAIT, handshake(conn, b, KEY_UPDATE_RECORDS))
+        let mut link = tokio::time::timeout(WAIT, our_server(b, server_cfg, KEY_UPDATE_RECORDS))
             .await
-            .unwrap()
             .unwrap();
         let mut got = [0u8; 11];
         tokio::time::timeout(WAIT, link.reader.read_exact(&mut got))
@@ -847,7 +902,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hostile_records_end_the_link_with_an_error() {
-        let server_key = NodeKeypair::generate();
         for bad in [
             // Outer type must be application_data.
             vec![22u8, 3, 3, 0, 20],
@@ -856,27 +910,17 @@ mod tests {
             // Well formed, but fails authentication.
             [vec![23, 3, 3, 0, 40], vec![0xAA; 40]].concat(),
         ] {
-            let server_cfg = TlsConfigs::new(&server_key).unwrap();
-            let client_cfg = TlsConfigs::new(&NodeKeypair::generate()).unwrap();
-            let (a, b) = pair().await;
-            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let ours = tokio::spawn(async move {
-                let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
-                let mut link = handshake(conn, b, KEY_UPDATE_RECORDS).await.unwrap();
-                ready_tx.send(()).unwrap();
-                let mut buf = [0u8; 16];
-                tokio::time::timeout(WAIT, link.reader.read(&mut buf))
-                    .await
-                    .unwrap()
-            });
-            let connector = tokio_rustls::TlsConnector::from(client_cfg.client);
-            let mut s = connector.connect(name_for(&server_key), a).await.unwrap();
+            let e = ends().await;
+            let (ready, ours) = our_server_first_read(e.server_tcp, e.server);
+            let mut s = rustls_client(e.client_tcp, e.client, &e.server_key).await;
             // After the handshake, or rustls' handshake would see it.
-            ready_rx.await.unwrap();
+            ready.await.unwrap();
             s.get_mut().0.write_all(&bad).await.unwrap();
-            let r = ours.await.unwrap();
-            let e = r.expect_err("a hostile record was accepted");
-            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}: {e}");
+            let err = ours
+                .await
+                .unwrap()
+                .expect_err("a hostile record was accepted");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{bad:?}: {err}");
         }
     }
 
@@ -916,25 +960,15 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flood_of_key_updates_ends_the_link() {
-        let (server_key, client_key) = (NodeKeypair::generate(), NodeKeypair::generate());
-        let server_cfg = TlsConfigs::new(&server_key).unwrap();
-        let client_cfg = TlsConfigs::new(&client_key).unwrap();
-        let (a, b) = pair().await;
-        let ours = tokio::spawn(async move {
-            let conn = UnbufferedServerConnection::new(server_cfg.server).unwrap();
-            let mut link = handshake(conn, b, KEY_UPDATE_RECORDS).await.unwrap();
-            let mut buf = [0u8; 16];
-            tokio::time::timeout(WAIT, link.reader.read(&mut buf))
-                .await
-                .unwrap()
-        });
-        let connector = tokio_rustls::TlsConnector::from(client_cfg.client);
-        let mut s = connector.connect(name_for(&server_key), a).await.unwrap();
+        let e = ends().await;
+        let (ready, ours) = our_server_first_read(e.server_tcp, e.server);
+        let mut s = rustls_client(e.client_tcp, e.client, &e.server_key).await;
+        ready.await.unwrap();
         for _ in 0..=MAX_KEY_UPDATES_IN_A_ROW {
             s.get_mut().1.refresh_traffic_keys().unwrap();
             s.flush().await.unwrap();
         }
-        let e = ours.await.unwrap().expect_err("the flood was accepted");
-        assert!(e.to_string().contains("too many key updates"), "{e}");
+        let err = ours.await.unwrap().expect_err("the flood was accepted");
+        assert!(err.to_string().contains("too many key updates"), "{err}");
     }
 }
