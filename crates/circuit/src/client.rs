@@ -20,7 +20,7 @@ use vx6_proto::id::OnionKey;
 use crate::cell::{CellBody, Create, Created};
 use crate::error::Life;
 use crate::handshake::ClientHandshake;
-use crate::layer::{DirLayer, HopKeys, plaintext, plaintext_mut};
+use crate::layer::{HopKeys, plaintext, plaintext_mut};
 use crate::msg::{Direction, RelayMsg};
 use crate::{CircuitError, Result};
 
@@ -254,7 +254,7 @@ impl ClientCircuit {
     fn open_inner(&mut self, mut body: CellBody) -> Result<(HopIndex, RelayMsg)> {
         let mut origin = None;
         for (i, hop) in self.hops.iter_mut().enumerate() {
-            if DirLayer::recognized(body.as_bytes()) {
+            if hop.keys.bwd.recognized(body.as_bytes()) {
                 hop.keys.bwd.open(body.as_mut_bytes())?;
                 origin = Some(i);
                 break;

@@ -6,13 +6,18 @@
 //! - `A` seals/opens only the cells **originated by or destined to** the
 //!   hop; its counter counts those cells.
 //!
-//! A body is `recognized[8] || ciphertext || tag[16]`. `recognized` is zero
-//! in a cell as its origin seals it, and the origin applies the stream
-//! layers of the hops *between* it and the destination only, so a hop can
-//! tell "for me" from "for a later hop" with an 8-byte compare before it
-//! touches the cell (a cell for a later hop is still under this hop's stream
-//! layer: a false match has probability 2^-64, and then the tag check fails
-//! and the circuit ends).
+//! A body is `recognized[8] || ciphertext || tag[16]`. The origin sets
+//! `recognized` to the destination's *marker* for the AEAD counter it seals
+//! with — eight bytes of `AES-128(S, 0xffffffff || u64_be(counter) || 0^32)`,
+//! a block no stream layer ever uses — and applies the stream layers of the
+//! hops *between* it and the destination only. So a hop tells "for me" from
+//! "for a later hop" with one AES block and an 8-byte compare before it
+//! touches the cell, while every other hop sees eight pseudorandom bytes:
+//! a fixed value (zeros, say) would show the hop just before the
+//! destination, which sees the field in the clear once it has removed its
+//! own layer, that its neighbour is the end of the circuit. A false match
+//! has probability 2^-64 per cell, and then the tag check fails and the
+//! circuit ends.
 //!
 //! Nonces: AEAD `[0u8; 4] || u64_be(counter)`; CTR counter block
 //! `[0u8; 4] || u64_be(counter) || u32_be(block)`, blocks from 0. Keys
@@ -21,10 +26,11 @@
 //! This module owns the keys and counters and never interprets a message.
 
 use aes::Aes128;
-use aes::cipher::KeyInit;
+use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use ctr::cipher::{InnerIvInit, StreamCipher, StreamCipherCoreWrapper};
 use ctr::{CtrCore, flavors::Ctr32BE};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use subtle::ConstantTimeEq;
 
 use crate::handshake::KEY_MATERIAL_LEN;
 use crate::msg::{RECOGNIZED_LEN, TAG_LEN};
@@ -107,18 +113,38 @@ impl DirLayer {
             .map_err(|_| CircuitError::Usage("cell too long for the stream layer"))
     }
 
-    /// Whether `body`, as it reaches this hop, carries the zero
-    /// `recognized` field of a cell sealed for this hop.
-    pub(crate) fn recognized(body: &[u8]) -> bool {
-        body.get(..RECOGNIZED_LEN)
-            .is_some_and(|r| r.iter().all(|&b| b == 0))
+    /// The `recognized` value of the cell sealed with AEAD counter
+    /// `counter`: the first 8 bytes of `AES-128(S, MARKER_PREFIX ||
+    /// u64_be(counter) || 0^32)`. CTR blocks start with four zero bytes, so
+    /// this block is never part of a keystream.
+    fn marker(&self, counter: u64) -> [u8; RECOGNIZED_LEN] {
+        let mut block = [0u8; 16];
+        let (prefix, rest) = block.split_at_mut(4);
+        prefix.copy_from_slice(&MARKER_PREFIX);
+        let (ctr, _) = rest.split_at_mut(8);
+        ctr.copy_from_slice(&counter.to_be_bytes());
+        let mut block = block.into();
+        self.stream.encrypt_block(&mut block);
+        let mut m = [0u8; RECOGNIZED_LEN];
+        let (head, _) = block.split_at(RECOGNIZED_LEN);
+        m.copy_from_slice(head);
+        m
     }
 
-    /// Zeroes `recognized`, encrypts the plaintext region in place, writes
-    /// the tag into the last 16 bytes and advances the AEAD counter.
+    /// Whether `body`, as it reaches this hop, carries the `recognized`
+    /// marker of the next cell sealed for this hop.
+    pub(crate) fn recognized(&self, body: &[u8]) -> bool {
+        body.get(..RECOGNIZED_LEN)
+            .is_some_and(|r| bool::from(r.ct_eq(&self.marker(self.aead_ctr))))
+    }
+
+    /// Writes this hop's marker into `recognized`, encrypts the plaintext
+    /// region in place, writes the tag into the last 16 bytes and advances
+    /// the AEAD counter.
     pub(crate) fn seal(&mut self, body: &mut [u8]) -> Result<()> {
+        let marker = self.marker(self.aead_ctr);
         let (rec, plain, tag_out) = split(body)?;
-        rec.fill(0);
+        rec.copy_from_slice(&marker);
         let n = Nonce::assume_unique_for_key(nonce(next(&mut self.aead_ctr)?));
         let tag = self
             .aead
@@ -187,6 +213,10 @@ impl HopKeys {
     }
 }
 
+/// The first four bytes of a marker block (PROTOCOL.md §9.4); a CTR
+/// counter block starts with four zero bytes.
+const MARKER_PREFIX: [u8; 4] = [0xff; 4];
+
 /// AES-128 stream keys, AES-256-GCM keys.
 const STREAM_KEY_LEN: usize = 16;
 const AEAD_KEY_LEN: usize = 32;
@@ -218,8 +248,11 @@ mod tests {
         let mut b = keys(1);
         for i in 0..100u8 {
             let mut body = vec![i; 512];
+            assert!(!b.fwd.recognized(&body));
             a.fwd.seal(&mut body).unwrap();
-            assert!(DirLayer::recognized(&body));
+            assert!(b.fwd.recognized(&body));
+            assert!(!b.bwd.recognized(&body));
+            assert_ne!(body[..8], [0; 8]);
             assert_ne!(plaintext(&body), &[i; 512 - 24][..]);
             b.fwd.open(&mut body).unwrap();
             assert_eq!(plaintext(&body), &[i; 512 - 24][..]);

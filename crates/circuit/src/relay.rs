@@ -2,8 +2,8 @@
 //! onion layer and whether it has a next hop. The owner of a service is a
 //! relay hop too — the last one.
 //!
-//! Forward, the hop first looks at the cell's `recognized` field. Zero: the
-//! cell is for this hop, and its AEAD must open it ([`Forward::ForMe`]; a
+//! Forward, the hop first looks at the cell's `recognized` field. This
+//! hop's marker for its next AEAD counter: the cell is for this hop, and its AEAD must open it ([`Forward::ForMe`]; a
 //! failed tag ends the circuit). Otherwise the cell is for a later hop: it
 //! loses this hop's stream layer and goes to the next hop
 //! ([`Forward::Next`]) — or, when there is no next hop, it is an attack and
@@ -25,7 +25,7 @@ use vx6_proto::NodeId;
 use crate::cell::{CellBody, Create, Created, Reason};
 use crate::error::Life;
 use crate::handshake::relay_handshake;
-use crate::layer::{DirLayer, HopKeys, plaintext, plaintext_mut};
+use crate::layer::{HopKeys, plaintext, plaintext_mut};
 use crate::msg::{Direction, RelayMsg};
 use crate::{CircuitError, Result};
 
@@ -126,7 +126,7 @@ impl RelayHop {
     }
 
     fn forward_inner(&mut self, mut body: CellBody) -> Result<Forward> {
-        if !DirLayer::recognized(body.as_bytes()) {
+        if !self.keys.fwd.recognized(body.as_bytes()) {
             return match self.next {
                 NextHop::Attached => {
                     self.keys.fwd.apply_stream(body.as_mut_bytes())?;

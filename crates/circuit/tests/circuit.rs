@@ -311,6 +311,34 @@ fn relays_see_only_ciphertext() {
 }
 
 #[test]
+fn no_relay_can_tell_where_the_circuit_ends() {
+    // The relay next to the owner removes its own layer from every cell for
+    // the owner, so it sees `recognized` in the clear. A constant there
+    // (zeros) would tell it that its neighbour is the end of the circuit,
+    // and backward that cells come from it; the keyed marker looks random.
+    let mut sim = Sim::build(4, 11);
+    let owner = sim.last();
+    for i in 0..50u32 {
+        let msg = data(3, &i.to_be_bytes());
+        match sim.send_to(owner, &msg) {
+            FwdOutcome::Opened(at, got) => assert_eq!((at, got), (owner, msg.clone())),
+            f => panic!("{f:?}"),
+        }
+        let body = sim.hops[owner].originate(&msg).unwrap();
+        assert_eq!(sim.backward_from(owner, body).unwrap().1, msg);
+    }
+    for (j, view) in sim.views[..owner].iter().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        assert!(view.len() > 200, "relay {j} handled {} bodies", view.len());
+        for bytes in view {
+            let rec = &bytes[..RECOGNIZED_LEN];
+            assert_ne!(rec, [0; RECOGNIZED_LEN], "relay {j} saw a constant field");
+            assert!(seen.insert(rec.to_vec()), "relay {j} saw a value twice");
+        }
+    }
+}
+
+#[test]
 fn thousands_of_cells_in_order() {
     let mut sim = Sim::build(4, 4);
     let mut r = rng(99);
@@ -358,14 +386,10 @@ fn replayed_forward_cell_is_rejected_and_tears_down() {
         assert!(
             matches!(sim.forward_from(replay_at, at_hop), FwdOutcome::Opened(d, _) if d == dest as usize)
         );
-        // Replayed at its destination, the cell is recognized and fails the
-        // AEAD there (its counter moved on); replayed earlier, it meets stream
-        // counters that moved on, is recognized nowhere and dies at the end.
-        let rejecter = if replay_at == dest as usize {
-            replay_at
-        } else {
-            3
-        };
+        // The marker in `recognized` belongs to the destination's AEAD
+        // counter, which moved on, and every stream counter moved on too: the
+        // copy is recognized nowhere and dies at the hop without a next hop.
+        let rejecter = 3;
         match sim.forward_from(replay_at, copy) {
             FwdOutcome::Failed(at, e) => {
                 assert_eq!(at, rejecter, "replay at {replay_at} for {dest}");
