@@ -101,6 +101,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is not a usable size"))
 }
 
+/// The allocator of the `vx6` binary (crates/cli/src/main.rs), so the
+/// nodes in this process behave as daemons do.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let q = args.quick;

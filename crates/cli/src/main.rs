@@ -152,6 +152,13 @@ struct ConnectArgs {
     detach: bool,
 }
 
+/// mimalloc, not glibc's malloc: channels and forwards hand 8–64 KiB
+/// buffers from one thread to another, and glibc returns the freed pages to
+/// the kernel and faults them in again on the next burst (a fifth of direct
+/// mode's throughput in quick runs; docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
