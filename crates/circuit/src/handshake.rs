@@ -262,9 +262,9 @@ mod tests {
         let mut rng = seeded_rng(1);
         let (id, b, pk) = relay_keys(1);
         let (hs, create) = ClientHandshake::start(id, &pk, &mut rng);
-        let (relay_keys, created) = relay_handshake(&b, &id, &create, &mut rng).unwrap();
-        let client_keys = hs.finish(&created).unwrap();
-        assert!(client_keys.same_keys_as(&relay_keys));
+        let (mut relay_keys, created) = relay_handshake(&b, &id, &create, &mut rng).unwrap();
+        let mut client_keys = hs.finish(&created).unwrap();
+        assert!(client_keys.same_keys_as(&mut relay_keys));
     }
 
     #[test]
@@ -272,10 +272,10 @@ mod tests {
         let mut rng = seeded_rng(2);
         let (id, b, pk) = relay_keys(2);
         let (_, c1) = ClientHandshake::start(id, &pk, &mut rng);
-        let (k1, _) = relay_handshake(&b, &id, &c1, &mut rng).unwrap();
+        let (mut k1, _) = relay_handshake(&b, &id, &c1, &mut rng).unwrap();
         let (_, c2) = ClientHandshake::start(id, &pk, &mut rng);
-        let (k2, _) = relay_handshake(&b, &id, &c2, &mut rng).unwrap();
-        assert!(!k1.same_keys_as(&k2));
+        let (mut k2, _) = relay_handshake(&b, &id, &c2, &mut rng).unwrap();
+        assert!(!k1.same_keys_as(&mut k2));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The one identity-binding mechanism shared by both transports.
 //!
-//! Owns: the TLS 1.3 client and server configurations (rustls, ring provider)
+//! Owns: the TLS 1.3 client and server configurations (rustls, aws-lc-rs provider)
 //! that prove and check Ed25519 node keys with RFC 7250 raw public keys, the
 //! single verifier used for both directions and both transports, and the
 //! mapping between a presented SubjectPublicKeyInfo and a [`NodeId`].
@@ -357,21 +357,26 @@ impl TlsConfigs {
 
 /// The node key as rustls wants it: the SPKI as the (raw key) certificate and
 /// the seed as PKCS#8, both built by hand so no X.509 code is involved.
-/// ring's provider with AES-128-GCM first: TLS 1.3's mandatory suite, and
-/// about a quarter cheaper per byte than AES-256-GCM, which every relayed
-/// byte pays on every link. Both ends use this order, so it is what they
-/// agree on; a peer offering only the others still gets them.
+/// aws-lc-rs' provider with AES-128-GCM first: TLS 1.3's mandatory suite,
+/// and about a quarter cheaper per byte than AES-256-GCM, which every
+/// relayed byte pays on every link. Both ends use this order, so it is what
+/// they agree on; a peer offering only the others still gets them. The
+/// hybrid X25519MLKEM768 group comes first so a recorded link cannot be
+/// decrypted later by whoever breaks X25519; the classical groups remain
+/// for a peer without it.
 fn provider() -> CryptoProvider {
-    use rustls::crypto::ring::cipher_suite::{
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
+    use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
     CryptoProvider {
         cipher_suites: vec![
             TLS13_AES_128_GCM_SHA256,
             TLS13_AES_256_GCM_SHA384,
             TLS13_CHACHA20_POLY1305_SHA256,
         ],
-        ..rustls::crypto::ring::default_provider()
+        kx_groups: vec![X25519MLKEM768, X25519, SECP256R1, SECP384R1],
+        ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
 
@@ -420,9 +425,9 @@ mod tests {
     }
 
     #[test]
-    fn spki_matches_what_ring_derives() {
+    fn spki_matches_what_the_provider_derives() {
         // certified_key() compares our hand-built SPKI with the provider's.
-        let provider = rustls::crypto::ring::default_provider();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
         certified_key(&NodeKeypair::generate(), &provider).unwrap();
     }
 
