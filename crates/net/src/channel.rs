@@ -1623,10 +1623,24 @@ impl WriteBuf {
         }
     }
 
-    async fn write_to<W: tokio::io::AsyncWrite + Unpin>(
-        &mut self,
-        wr: &mut W,
-    ) -> std::io::Result<()> {
+    async fn write_to(&mut self, wr: &mut Box<dyn LinkWrite>) -> std::io::Result<()> {
+        if let Some(quic) = wr.quic_stream() {
+            // quinn keeps the chunks themselves (a payload is shared, not
+            // copied) where its `AsyncWrite` would copy every byte.
+            let small = Bytes::from(std::mem::take(&mut self.small));
+            let mut chunks: Vec<Bytes> = self
+                .segs
+                .iter()
+                .map(|s| match s {
+                    Seg::Small(r) => small.slice(r.clone()),
+                    Seg::Big(b) => b.clone(),
+                })
+                .collect();
+            return quic
+                .write_all_chunks(&mut chunks)
+                .await
+                .map_err(std::io::Error::from);
+        }
         if !wr.is_write_vectored() {
             // A writer without vectored writes (a QUIC stream) would take
             // one slice per call: hand it one contiguous buffer instead.

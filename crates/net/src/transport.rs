@@ -66,8 +66,20 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub trait LinkRead: AsyncBufRead + AsyncRead + Send + Unpin + 'static {}
 impl<T: AsyncBufRead + AsyncRead + Send + Unpin + 'static> LinkRead for T {}
 /// The sending half of a [`Conn`].
-pub trait LinkWrite: AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncWrite + Send + Unpin + 'static> LinkWrite for T {}
+pub trait LinkWrite: AsyncWrite + Send + Unpin + 'static {
+    /// The QUIC stream under this writer, which takes whole [`bytes::Bytes`]
+    /// chunks without copying them; `None` for a byte-stream writer.
+    fn quic_stream(&mut self) -> Option<&mut quinn::SendStream> {
+        None
+    }
+}
+impl LinkWrite for crate::tcplink::LinkWriter {}
+impl<S: AsyncRead + AsyncWrite + Send + 'static> LinkWrite for tokio::io::WriteHalf<S> {}
+impl LinkWrite for QuicSend {
+    fn quic_stream(&mut self) -> Option<&mut quinn::SendStream> {
+        Some(&mut self.send)
+    }
+}
 
 /// The byte stream a [`Conn`] carries, as two halves that need no lock
 /// between them; it is also one `AsyncRead + AsyncWrite` for simple uses.
