@@ -151,9 +151,7 @@ impl DirLayer {
     }
 
     /// The `recognized` value of the cell sealed with AEAD counter
-    /// `counter`: the first 8 bytes of `AES-128(S, MARKER_PREFIX ||
-    /// u64_be(counter) || 0^32)`. CTR blocks start with four zero bytes, so
-    /// this block is never part of a keystream.
+    /// `counter` (the module doc and PROTOCOL.md §9.4 give the block).
     fn marker(&self, counter: u64) -> Result<[u8; RECOGNIZED_LEN]> {
         let mut block = [0u8; 16];
         let (prefix, rest) = block.split_at_mut(4);
