@@ -362,13 +362,18 @@ async fn init(
     out!("created node {} ({})", name, key.node_id());
     out!("home: {}", home.root().display());
     if !entry.is_empty() {
-        let others = vx6_node::discovery::name_claimants(&key, &name, &entry).await;
-        if !others.is_empty() {
-            let ids: Vec<String> = others.iter().map(|i| i.to_string()).collect();
-            eprintln!(
-                "warning: the name '{name}' is already claimed in the network by {}; clients will see a name clash and must pick a node by id prefix",
-                ids.join(", ")
-            );
+        match vx6_node::discovery::name_claimants(&key, &name, &entry).await {
+            Some(others) if !others.is_empty() => {
+                let ids: Vec<String> = others.iter().map(|i| i.to_string()).collect();
+                eprintln!(
+                    "warning: the name '{name}' is already claimed in the network by {}; clients will see a name clash and must pick a node by id prefix",
+                    ids.join(", ")
+                );
+            }
+            Some(_) => {}
+            None => eprintln!(
+                "note: no entry peer answered, so nobody checked whether the name '{name}' is taken; the node still joins through them when it starts"
+            ),
         }
     }
     Ok(())

@@ -924,23 +924,26 @@ pub(crate) fn status(node: &Node) -> Value {
 /// `vx6 init`'s clash warning. Runs without a daemon: a dial-only transport
 /// with the new key, a DHT FIND_VALUE to each entry peer and to the closer
 /// nodes they name, and each entry peer's first peer-sync page. Unreachable
-/// peers are skipped; the answer is advisory.
+/// peers are skipped; the answer is advisory, and `None` when no peer could
+/// be asked at all (the name was not checked).
 pub async fn name_claimants(
     key: &vx6_proto::NodeKeypair,
     name: &NodeName,
     peers: &[SocketAddr],
-) -> Vec<NodeId> {
+) -> Option<Vec<NodeId>> {
     use vx6_net::channel::{Channel as Chan, ChannelConfig, Role};
     use vx6_net::transport::{NetConfig, Transports};
     use vx6_proto::dhtmsg::{DhtKey, Request as DReq, Response as DResp};
 
+    // A down peer costs `vx6 init` one QUIC handshake timeout (TCP is
+    // refused at once): short, since the check is only advice.
     let cfg = NetConfig {
-        handshake_timeout: Duration::from_secs(4),
+        handshake_timeout: Duration::from_secs(2),
         ..NetConfig::default()
     };
     let Ok(tr) = Transports::bind(key, &[], &[TransportKind::Tcp, TransportKind::Quic], cfg).await
     else {
-        return Vec::new();
+        return None;
     };
     let me = key.node_id();
     let t = now();
@@ -955,10 +958,13 @@ pub async fn name_claimants(
     }
     .encode()
     .unwrap_or_default();
+    // Popped from the back: each entry peer over TCP first, so a peer that
+    // answers there is never also waited for over QUIC.
     let mut queue: Vec<(Endpoint, Expect)> = peers
         .iter()
+        .rev()
         .flat_map(|a| {
-            [TransportKind::Tcp, TransportKind::Quic].map(|t| {
+            [TransportKind::Quic, TransportKind::Tcp].map(|t| {
                 (
                     Endpoint {
                         transport: t,
@@ -1018,5 +1024,5 @@ pub async fn name_claimants(
         chan.close();
     }
     tr.close();
-    ids
+    (!asked.is_empty()).then_some(ids)
 }
