@@ -94,6 +94,9 @@ pub(crate) struct DirLayer {
     aead: LessSafeKey,
     stream_ctr: u64,
     aead_ctr: u64,
+    /// `marker(aead_ctr)`, kept current: every cell passing the hop is
+    /// checked against it, and the counter moves only for the hop's own cells.
+    next_marker: [u8; RECOGNIZED_LEN],
 }
 
 impl DirLayer {
@@ -109,13 +112,26 @@ impl DirLayer {
         let stream_gcm = UnboundKey::new(&AES_128_GCM, stream_key)
             .map(LessSafeKey::new)
             .unwrap_or_else(|_| unreachable!("AES-128-GCM takes 16-byte keys"));
-        Self {
+        let mut layer = Self {
             stream,
             stream_gcm,
             aead,
             stream_ctr: 0,
             aead_ctr: 0,
-        }
+            next_marker: [0; RECOGNIZED_LEN],
+        };
+        // AES-CTR takes any IV, so computing a marker cannot fail.
+        layer.next_marker = layer
+            .marker(0)
+            .unwrap_or_else(|_| unreachable!("AES-CTR accepts every IV"));
+        layer
+    }
+
+    /// Moves the AEAD counter on and computes the marker that goes with it.
+    fn advance_aead(&mut self) -> Result<()> {
+        next(&mut self.aead_ctr)?;
+        self.next_marker = self.marker(self.aead_ctr)?;
+        Ok(())
     }
 
     /// Adds or removes this hop's stream layer (XOR) and advances the
@@ -170,18 +186,17 @@ impl DirLayer {
     /// marker of the next cell sealed for this hop.
     pub(crate) fn recognized(&self, body: &[u8]) -> bool {
         body.get(..RECOGNIZED_LEN)
-            .zip(self.marker(self.aead_ctr).ok())
-            .is_some_and(|(r, m)| bool::from(r.ct_eq(&m)))
+            .is_some_and(|r| bool::from(r.ct_eq(&self.next_marker)))
     }
 
     /// Writes this hop's marker into `recognized`, encrypts the plaintext
     /// region in place, writes the tag into the last 16 bytes and advances
     /// the AEAD counter.
     pub(crate) fn seal(&mut self, body: &mut [u8]) -> Result<()> {
-        let marker = self.marker(self.aead_ctr)?;
         let (rec, plain, tag_out) = split(body)?;
-        rec.copy_from_slice(&marker);
-        let n = Nonce::assume_unique_for_key(nonce(next(&mut self.aead_ctr)?));
+        rec.copy_from_slice(&self.next_marker);
+        let n = Nonce::assume_unique_for_key(nonce(self.aead_ctr));
+        self.advance_aead()?;
         let tag = self
             .aead
             .seal_in_place_separate_tag(n, Aad::empty(), plain)
@@ -199,8 +214,7 @@ impl DirLayer {
         self.aead
             .open_in_place_separate_tag(n, Aad::empty(), tag, ct)
             .map_err(|_| CircuitError::BadCell)?;
-        next(&mut self.aead_ctr)?;
-        Ok(())
+        self.advance_aead()
     }
 }
 
@@ -234,12 +248,12 @@ impl HopKeys {
     #[cfg(test)]
     pub(crate) fn same_keys_as(&mut self, o: &mut HopKeys) -> bool {
         fn sample(d: &mut DirLayer) -> Vec<u8> {
-            let saved = (d.stream_ctr, d.aead_ctr);
-            (d.stream_ctr, d.aead_ctr) = (0, 0);
+            let saved = (d.stream_ctr, d.aead_ctr, d.next_marker);
+            (d.stream_ctr, d.aead_ctr, d.next_marker) = (0, 0, d.marker(0).unwrap());
             let mut body = vec![0u8; 64];
             d.seal(&mut body).unwrap();
             d.apply_stream(&mut body).unwrap();
-            (d.stream_ctr, d.aead_ctr) = saved;
+            (d.stream_ctr, d.aead_ctr, d.next_marker) = saved;
             body
         }
         sample(&mut self.fwd) == sample(&mut o.fwd) && sample(&mut self.bwd) == sample(&mut o.bwd)
