@@ -10,6 +10,7 @@ its busiest node allows. Both modes run in the same script, alternating, over
 the same nodes and the same budget.
 
     sudo python3 scripts/bench-hosts.py [--quota 0.35] [--mib 512] [--rounds 3]
+                                        [--transport tcp|quic|both]
 
 Needs root and the cgroup v1 `cpu` controller or cgroup v2 with `cpu`
 enabled; prints a Markdown report on stdout.
@@ -166,8 +167,8 @@ class Cgroups:
 
 
 class Net:
-    def __init__(self, vx6, work, cg):
-        self.vx6, self.work, self.cg = vx6, work, cg
+    def __init__(self, vx6, work, cg, transport):
+        self.vx6, self.work, self.cg, self.transport = vx6, work, cg, transport
         self.procs = []
         self.ports = {}
 
@@ -185,7 +186,8 @@ class Net:
     def start(self, name, peer=None):
         port = free_port()
         self.ports[name] = port
-        args = ["init", "--name", name, "--listen", f"[::1]:{port}"]
+        args = ["init", "--name", name, "--listen", f"[::1]:{port}",
+                "--transport", self.transport]
         if peer:
             args += ["--peer", f"[::1]:{self.ports[peer]}"]
         self.cli(name, *args)
@@ -233,6 +235,8 @@ def main():
     ap.add_argument("--quota", type=float, default=0.35, help="CPUs per node (default 0.35)")
     ap.add_argument("--mib", type=int, default=512, help="MiB per transfer (default 512)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--transport", choices=["tcp", "quic", "both"], default="both",
+                    help="what every node speaks, so what its links can be (default both)")
     ap.add_argument("--vx6", default=os.path.join(ROOT, "target/release/vx6"))
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -242,7 +246,7 @@ def main():
 
     cg = Cgroups(a.quota)
     work = tempfile.mkdtemp(prefix="vx6-bench-hosts.")
-    net = Net(a.vx6, work, cg)
+    net = Net(a.vx6, work, cg, a.transport)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -256,7 +260,7 @@ def main():
         owner_id = json.loads(net.cli("owner", "identity", "--json"))["node_id"]
         direct = connect(
             net, "client", "--addr", f"[::1]:{net.ports['owner']}", "--service", "bulk",
-            "--node", owner_id,
+            "--node", owner_id, "--transport", "quic" if a.transport == "quic" else "tcp",
         )
         wait_for(lambda: net.cli("client", "resolve", "owner.bulk") != "")
         relayed = None
@@ -277,7 +281,7 @@ def main():
         print("# vx6 bench-hosts: relay vs direct, one CPU budget per node")
         print()
         print(f"- nodes: owner, 3 relays, client; each `vx6 node` in its own cgroup "
-              f"with {a.quota} CPU; machine: {os.cpu_count()} CPUs")
+              f"with {a.quota} CPU; machine: {os.cpu_count()} CPUs; links: {a.transport}")
         print(f"- {a.mib} MiB per transfer, median of {a.rounds} rounds, modes alternating")
         print()
         print("| mode | up MiB/s | down MiB/s | up × direct | down × direct |")
