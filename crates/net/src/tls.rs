@@ -425,6 +425,50 @@ mod tests {
     }
 
     #[test]
+    fn two_nodes_agree_on_hybrid_post_quantum_and_aes_128_gcm() {
+        use rustls::pki_types::ServerName;
+        let (a, b) = (NodeKeypair::generate(), NodeKeypair::generate());
+        let (ca, cb) = (TlsConfigs::new(&a).unwrap(), TlsConfigs::new(&b).unwrap());
+        let name = ServerName::try_from(server_name(Expect::Node(b.node_id()))).unwrap();
+        let mut client = rustls::ClientConnection::new(ca.client, name).unwrap();
+        let mut server = rustls::ServerConnection::new(cb.server).unwrap();
+        // Pump the flights in memory until both ends finish.
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            wire.clear();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        for (group, suite) in [
+            (
+                client.negotiated_key_exchange_group(),
+                client.negotiated_cipher_suite(),
+            ),
+            (
+                server.negotiated_key_exchange_group(),
+                server.negotiated_cipher_suite(),
+            ),
+        ] {
+            assert_eq!(
+                group.map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519MLKEM768)
+            );
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
+    }
+
+    #[test]
     fn spki_matches_what_the_provider_derives() {
         // certified_key() compares our hand-built SPKI with the provider's.
         let provider = rustls::crypto::aws_lc_rs::default_provider();
