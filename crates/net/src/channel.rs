@@ -1642,8 +1642,8 @@ impl WriteBuf {
                 .map_err(std::io::Error::from);
         }
         if !wr.is_write_vectored() {
-            // A writer without vectored writes (a QUIC stream) would take
-            // one slice per call: hand it one contiguous buffer instead.
+            // A writer without vectored writes (an in-memory test pipe)
+            // would take one slice per call: hand it one contiguous buffer.
             let mut flat = std::mem::take(&mut self.flat);
             flat.clear();
             for seg in &self.segs {

@@ -958,8 +958,8 @@ pub async fn name_claimants(
     }
     .encode()
     .unwrap_or_default();
-    // Popped from the back: each entry peer over TCP first, so a peer that
-    // answers there is never also waited for over QUIC.
+    // Popped from the back: each entry peer over TCP first, and an address
+    // that answered once is not dialed again over the other transport.
     let mut queue: Vec<(Endpoint, Expect)> = peers
         .iter()
         .rev()
@@ -976,13 +976,18 @@ pub async fn name_claimants(
         })
         .collect();
     let mut asked: Vec<NodeId> = Vec::new();
+    let mut answered: Vec<SocketAddr> = Vec::new();
     while let Some((ep, expect)) = queue.pop() {
         if asked.len() >= 16 {
             break;
         }
+        if answered.contains(&ep.addr) {
+            continue;
+        }
         let Ok(conn) = tr.dial(ep, expect).await else {
             continue;
         };
+        answered.push(ep.addr);
         if asked.contains(&conn.peer) {
             continue;
         }
