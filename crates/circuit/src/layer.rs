@@ -137,49 +137,51 @@ impl DirLayer {
     /// Adds or removes this hop's stream layer (XOR) and advances the
     /// stream counter.
     pub(crate) fn apply_stream(&mut self, body: &mut [u8]) -> Result<()> {
-        let n = nonce(next(&mut self.stream_ctr)?);
+        let counter = next(&mut self.stream_ctr)?;
         if body.len() >= GCM_KEYSTREAM_MIN && gcm_keystream_is_faster() {
-            self.keystream_gcm(n, body)
+            self.keystream_gcm(counter, body)
         } else {
-            self.keystream_ctr(n, body)
+            self.keystream_ctr(counter, body)
         }
     }
 
-    /// XORs the keystream for nonce `n` with plain CTR.
-    fn keystream_ctr(&self, n: [u8; 12], body: &mut [u8]) -> Result<()> {
-        let mut iv = [0u8; 16];
-        let (head, block) = iv.split_at_mut(12);
-        head.copy_from_slice(&n);
-        block.copy_from_slice(&FIRST_BLOCK.to_be_bytes());
+    /// XORs the keystream of cell `counter` with plain CTR.
+    fn keystream_ctr(&self, counter: u64, body: &mut [u8]) -> Result<()> {
         // Cells are at most 8 KiB: the 32-bit block counter never wraps.
-        self.stream
-            .less_safe_encrypt(body, EncryptionContext::Iv128(iv.into()))
-            .map(|_| ())
-            .map_err(|_| CircuitError::Usage("the stream layer failed"))
+        self.xor_ctr([0; 4], counter, FIRST_BLOCK, body)
     }
 
     /// XORs the same keystream with a GCM seal, dropping the tag.
-    fn keystream_gcm(&self, n: [u8; 12], body: &mut [u8]) -> Result<()> {
+    fn keystream_gcm(&self, counter: u64, body: &mut [u8]) -> Result<()> {
+        let n = Nonce::assume_unique_for_key(nonce(counter));
         self.stream_gcm
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::empty(), body)
+            .seal_in_place_separate_tag(n, Aad::empty(), body)
             .map(|_| ())
             .map_err(|_| CircuitError::Usage("the stream layer failed"))
     }
 
     /// The `recognized` value of the cell sealed with AEAD counter
-    /// `counter` (the module doc and PROTOCOL.md §9.4 give the block).
+    /// `counter` (the module doc and PROTOCOL.md §9.4 give the block): the
+    /// first CTR keystream block from a block is AES of that block.
     fn marker(&self, counter: u64) -> Result<[u8; RECOGNIZED_LEN]> {
-        let mut block = [0u8; 16];
-        let (prefix, rest) = block.split_at_mut(4);
-        prefix.copy_from_slice(&MARKER_PREFIX);
-        let (ctr, _) = rest.split_at_mut(8);
-        ctr.copy_from_slice(&counter.to_be_bytes());
-        // The first keystream block of CTR from `block` is AES(block).
         let mut m = [0u8; RECOGNIZED_LEN];
-        self.stream
-            .less_safe_encrypt(&mut m, EncryptionContext::Iv128(block.into()))
-            .map_err(|_| CircuitError::Usage("the stream layer failed"))?;
+        self.xor_ctr(MARKER_PREFIX, counter, 0, &mut m)?;
         Ok(m)
+    }
+
+    /// XORs `buf` with AES-128-CTR under `S` from the counter block
+    /// `head || u64_be(counter) || u32_be(block)`.
+    fn xor_ctr(&self, head: [u8; 4], counter: u64, block: u32, buf: &mut [u8]) -> Result<()> {
+        let mut iv = [0u8; 16];
+        let (h, rest) = iv.split_at_mut(4);
+        h.copy_from_slice(&head);
+        let (c, b) = rest.split_at_mut(8);
+        c.copy_from_slice(&counter.to_be_bytes());
+        b.copy_from_slice(&block.to_be_bytes());
+        self.stream
+            .less_safe_encrypt(buf, EncryptionContext::Iv128(iv.into()))
+            .map(|_| ())
+            .map_err(|_| CircuitError::Usage("the stream layer failed"))
     }
 
     /// Whether `body`, as it reaches this hop, carries the `recognized`
@@ -401,11 +403,10 @@ mod tests {
         let k = keys(9);
         for len in [0, 1, 15, 16, 17, 511, 512, 2047, 2048, 4099, 8192] {
             for counter in [0u64, 1, 0xfffe, u64::MAX - 1] {
-                let n = nonce(counter);
                 let mut a: Vec<u8> = (0..len).map(|i| i as u8).collect();
                 let mut b = a.clone();
-                k.fwd.keystream_ctr(n, &mut a).unwrap();
-                k.fwd.keystream_gcm(n, &mut b).unwrap();
+                k.fwd.keystream_ctr(counter, &mut a).unwrap();
+                k.fwd.keystream_gcm(counter, &mut b).unwrap();
                 assert_eq!(a, b, "len {len} counter {counter}");
             }
         }
