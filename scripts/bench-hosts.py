@@ -202,6 +202,17 @@ class Net:
         self.cg.add(name, p.pid)
         wait_for(lambda: self.cli(name, "status", check=False) != "")
 
+    def cpu_seconds(self):
+        """Each node's CPU time so far (user + system), by name."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, p in zip(self.ports, self.procs):
+            with open(f"/proc/{p.pid}/stat") as f:
+                # Fields after the command name, which may hold spaces.
+                rest = f.read().rsplit(")", 1)[1].split()
+            out[name] = (int(rest[11]) + int(rest[12])) / tick
+        return out
+
     def stop(self):
         for p in self.procs:
             p.send_signal(signal.SIGTERM)
@@ -273,10 +284,15 @@ def main():
         wait_for(open_relay, timeout=60)
         n = a.mib << 20
         res = {(m, d): [] for m in ("direct", "relay") for d in ("up", "down")}
+        cpu = {k: {} for k in res}
         for _ in range(a.rounds):
             for mode, port in (("direct", direct), ("relay", relayed)):
                 for d in ("up", "down"):
+                    before = net.cpu_seconds()
                     res[(mode, d)].append(transfer(port, d, n))
+                    for name, t in net.cpu_seconds().items():
+                        used = cpu[(mode, d)].get(name, 0.0) + t - before[name]
+                        cpu[(mode, d)][name] = used
         med = {k: statistics.median(v) for k, v in res.items()}
         print("# vx6 bench-hosts: relay vs direct, one CPU budget per node")
         print()
@@ -290,6 +306,15 @@ def main():
             up, down = med[(mode, "up")], med[(mode, "down")]
             print(f"| {mode} | {up:.0f} | {down:.0f} | "
                   f"{up / med[('direct', 'up')]:.2f}× | {down / med[('direct', 'down')]:.2f}× |")
+        print()
+        # Which node the budget binds: the one with the most CPU per byte.
+        names = list(net.ports)
+        gib = a.rounds * n / (1 << 30)
+        print("| CPU s/GiB | " + " | ".join(names) + " |")
+        print("| --- |" + " ---: |" * len(names))
+        for (mode, d), used in cpu.items():
+            cells = " | ".join(f"{used.get(x, 0.0) / gib:.2f}" for x in names)
+            print(f"| {mode} {d} | {cells} |")
         print()
         for k, v in res.items():
             print(f"- {k[0]} {k[1]} per round, MiB/s: {[round(x) for x in v]}")

@@ -155,6 +155,9 @@ pub struct ChannelStats {
     pub streams_refused: AtomicU64,
     /// Times the peer broke the protocol (each closes the channel).
     pub protocol_errors: AtomicU64,
+    /// Circuits ended because the peer sent more cells than their queue
+    /// holds (each ends only that circuit).
+    pub circuits_overflowed: AtomicU64,
 }
 
 /// What queueing a frame took, to be given back when the writer takes it.
@@ -318,9 +321,9 @@ pub struct IncomingCircuit {
 }
 
 /// Cells one circuit may have waiting before its reader must take them.
-/// Honest peers stay far below it (the circuit window is smaller); a peer
-/// that overflows it is cut off.
-const CIRCUIT_QUEUE: usize = 1024;
+/// Honest peers stay far below it (the circuit window is smaller); a
+/// circuit whose peer overflows it is ended (that circuit only).
+pub const CIRCUIT_QUEUE: usize = 1024;
 
 /// Handle to a running channel; cheap to clone.
 ///
@@ -1275,14 +1278,22 @@ fn handle_circuit_frame(
     let id = hdr.circ.0;
     let known = lock(&shared.circuits).get(&id).cloned();
     if let Some(tx) = known {
-        return match tx.try_send(CircuitCell {
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(CircuitCell {
             cmd: hdr.cmd,
             payload,
         }) {
-            Ok(()) => Ok(Flow::Continue),
-            Err(mpsc::error::TrySendError::Full(_)) => Err("circuit queue overflow"),
-            Err(mpsc::error::TrySendError::Closed(_)) => Ok(Flow::Continue),
-        };
+            // More than a circuit window: the peer may be an honest relay
+            // passing on what a lying end sent, so only this circuit ends.
+            // Its receiver sees the circuit closed once it has taken what
+            // is queued; the peer is told with DESTROY.
+            lock(&shared.circuits).remove(&id);
+            shared
+                .stats
+                .circuits_overflowed
+                .fetch_add(1, Ordering::Relaxed);
+            shared.queue_destroy(id);
+        }
+        return Ok(Flow::Continue);
     }
     if hdr.cmd != Cmd::Create {
         return Ok(Flow::Continue);

@@ -2066,6 +2066,71 @@ async fn unserved_circuits_are_refused_with_destroy() {
     );
 }
 
+/// A circuit whose peer sends more cells than its queue holds ends alone:
+/// DESTROY for it, its receiver closes after the cells it holds, and the
+/// channel and another circuit on it carry on (a relay passing on what a
+/// lying end sent must not take everyone else's circuits down with it).
+#[tokio::test]
+async fn a_circuit_that_overflows_its_queue_ends_alone() {
+    use vx6_proto::link::{CELL_SMALL_LEN, CREATE_LEN};
+    let (chan, inc, mut raw) = raw_pair(ChannelConfig::default(), 1 << 20);
+    let (_streams, mut circs) = inc.split();
+    let cell = |cmd: Cmd, circ: u32, payload: &[u8]| {
+        let hdr = FrameHeader {
+            cmd,
+            circ: CircId(circ),
+            stream: StreamId(0),
+            len: payload.len() as u32,
+        };
+        let mut buf = hdr.encode().to_vec();
+        buf.extend_from_slice(payload);
+        buf
+    };
+    // The raw peer dials, so its ids carry the top bit.
+    let (flood, calm) = (0x8000_0011, 0x8000_0022);
+    for id in [flood, calm] {
+        raw.write_raw(&cell(Cmd::Create, id, &[0u8; CREATE_LEN]))
+            .await;
+    }
+    let mut flood_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
+    let mut calm_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
+    assert_eq!(
+        (flood_rx.circ.0, calm_rx.circ.0),
+        (flood, calm),
+        "accepted in order"
+    );
+    // Nobody reads the flooded circuit: one cell more than its queue holds.
+    let mut burst = Vec::new();
+    for _ in 0..=vx6_net::channel::CIRCUIT_QUEUE {
+        burst.extend_from_slice(&cell(Cmd::Relay, flood, &[1u8; CELL_SMALL_LEN]));
+    }
+    raw.write_raw(&burst).await;
+    raw.write_raw(&cell(Cmd::Relay, calm, &[2u8; CELL_SMALL_LEN]))
+        .await;
+    let (h, p) = raw.next().await;
+    assert_eq!((h.cmd, h.circ.0), (Cmd::Destroy, flood), "{p:?}");
+    let got = timeout(WAIT, calm_rx.rx.recv()).await.unwrap().unwrap();
+    assert_eq!((got.cmd, got.payload[0]), (Cmd::Relay, 2));
+    // The flooded receiver gets what was queued, then the end.
+    let mut queued = 0;
+    while let Some(c) = timeout(WAIT, flood_rx.rx.recv()).await.unwrap() {
+        assert_eq!(c.payload[0], 1);
+        queued += 1;
+    }
+    assert_eq!(queued, vx6_net::channel::CIRCUIT_QUEUE);
+    // Later cells for it are dropped; the channel stays up.
+    raw.write_raw(&cell(Cmd::Relay, flood, &[3u8; CELL_SMALL_LEN]))
+        .await;
+    raw.write_raw(&cell(Cmd::Relay, calm, &[4u8; CELL_SMALL_LEN]))
+        .await;
+    let got = timeout(WAIT, calm_rx.rx.recv()).await.unwrap().unwrap();
+    assert_eq!(got.payload[0], 4);
+    assert!(!chan.is_closed());
+    assert_eq!(chan.stats().circuits_overflowed.load(Ordering::SeqCst), 1);
+    assert_eq!(chan.stats().protocol_errors.load(Ordering::SeqCst), 0);
+    assert_no_lib_panics();
+}
+
 /// A retired channel (a newer one to the same peer exists) keeps serving a
 /// stream the peer opens right after the retirement — both ends may have
 /// dialed at once and the peer may still prefer this channel — and closes
