@@ -38,8 +38,8 @@ use crate::{NetError, Result};
 /// record behind a partial one.
 const READ_BUF: usize = 128 * 1024;
 /// Plaintext one `poll_write` seals before it writes (one system call):
-/// a whole channel write batch (128 KiB plus one frame).
-const WRITE_MAX: usize = 144 * 1024;
+/// a whole channel write batch (32 KiB plus one frame of up to 32 KiB).
+const WRITE_MAX: usize = 72 * 1024;
 /// Records sent under one key before a KeyUpdate: 2^22 (64 GiB of full
 /// records), a quarter of AES-128-GCM's confidentiality limit in rustls.
 pub const KEY_UPDATE_RECORDS: u64 = 1 << 22;
