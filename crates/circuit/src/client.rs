@@ -19,8 +19,9 @@ use vx6_proto::id::OnionKey;
 
 use crate::cell::{CellBody, Create, Created};
 use crate::error::Life;
+use crate::flow::SendmeAuth;
 use crate::handshake::ClientHandshake;
-use crate::layer::{HopKeys, plaintext, plaintext_mut};
+use crate::layer::{HopKeys, plaintext};
 use crate::msg::{Direction, RelayMsg};
 use crate::{CircuitError, Result};
 
@@ -64,7 +65,11 @@ impl PendingCreate {
         let relay = self.hs.relay();
         let keys = self.hs.finish(created)?;
         Ok(ClientCircuit {
-            hops: vec![ClientHop { id: relay, keys }],
+            hops: vec![ClientHop {
+                id: relay,
+                keys,
+                auth: SendmeAuth::default(),
+            }],
             extending: None,
             life: Life::default(),
         })
@@ -74,6 +79,8 @@ impl PendingCreate {
 struct ClientHop {
     id: NodeId,
     keys: HopKeys,
+    /// SENDME tags, for when this hop is the circuit's data end.
+    auth: SendmeAuth,
 }
 
 /// The client's state for one circuit. Not `Clone`; zeroizes its keys on
@@ -213,10 +220,8 @@ impl ClientCircuit {
         if to.index() >= self.hops.len() {
             return Err(CircuitError::Usage("no such hop"));
         }
-        let mut body = CellBody::zeroed(msg.cell_size()?);
-        msg.encode_into(plaintext_mut(body.as_mut_bytes()))?;
-        // From here on counters move: any error is fatal (and cannot happen
-        // short of 2^64 cells).
+        // Checked before anything moves.
+        msg.cell_size()?;
         let hops = self
             .hops
             .get_mut(..=to.index())
@@ -226,7 +231,9 @@ impl ClientCircuit {
             .ok_or(CircuitError::Usage("no such hop"))?;
         // The destination's own stream layer is left off: the AEAD already
         // encrypts the cell for it, and it checks `recognized` first.
-        dest.keys.fwd.seal(body.as_mut_bytes())?;
+        // From here on counters move: any error is fatal (and cannot happen
+        // short of 2^64 cells, or a SENDME the driver owes no tag for).
+        let mut body = dest.auth.seal(&mut dest.keys.fwd, msg)?;
         for hop in before.iter_mut().rev() {
             hop.keys.fwd.apply_stream(body.as_mut_bytes())?;
         }
@@ -269,6 +276,9 @@ impl ClientCircuit {
                 "forward-only message travelling backward",
             ));
         }
+        if let Some(h) = self.hops.get_mut(i) {
+            h.auth.opened(&body, &msg)?;
+        }
         match &msg {
             RelayMsg::Extended(created) => {
                 if hop != self.last_hop() {
@@ -282,7 +292,11 @@ impl ClientCircuit {
                     .ok_or(CircuitError::Protocol("EXTENDED without EXTEND"))?;
                 let id = hs.relay();
                 let keys = hs.finish(created)?;
-                self.hops.push(ClientHop { id, keys });
+                self.hops.push(ClientHop {
+                    id,
+                    keys,
+                    auth: SendmeAuth::default(),
+                });
             }
             RelayMsg::Truncated { .. } => {
                 self.hops.truncate(i + 1);
@@ -383,6 +397,91 @@ mod tests {
         assert_eq!(
             c.open(body).unwrap_err(),
             CircuitError::Protocol("EXTENDED without EXTEND")
+        );
+    }
+    fn data(n: u8) -> RelayMsg {
+        RelayMsg::Data {
+            stream: StreamId(1),
+            data: vec![n; 100],
+        }
+    }
+
+    /// A circuit SENDME sealed with `tag` in place of the one owed, as a
+    /// client lying about what it received would send.
+    fn forged_sendme(c: &mut ClientCircuit, tag: [u8; 16]) -> CellBody {
+        let msg = RelayMsg::Sendme(crate::msg::FlowScope::Circuit);
+        let mut body = CellBody::zeroed(msg.cell_size().unwrap());
+        msg.encode_into(crate::layer::plaintext_mut(body.as_mut_bytes()))
+            .unwrap();
+        RelayMsg::put_sendme_tag(crate::layer::plaintext_mut(body.as_mut_bytes()), &tag).unwrap();
+        c.hops[0].keys.fwd.seal(body.as_mut_bytes()).unwrap();
+        body
+    }
+
+    #[test]
+    fn circuit_sendme_echoes_the_tag_of_the_cell_it_acknowledges() {
+        use crate::flow::CIRCUIT_SENDME_INCREMENT;
+        let (mut c, mut hop) = one_hop();
+        let sendme = RelayMsg::Sendme(crate::msg::FlowScope::Circuit);
+        // Nothing received yet: there is no tag to send, and nothing moves.
+        assert!(matches!(
+            c.seal(HopIndex(0), &sendme),
+            Err(CircuitError::Usage(_))
+        ));
+        assert!(!c.is_torn_down());
+        for round in 0..2u8 {
+            for i in 0..CIRCUIT_SENDME_INCREMENT as u8 {
+                let body = hop.originate(&data(i)).unwrap();
+                assert_eq!(c.open(body).unwrap().1, data(i));
+            }
+            let body = c.seal(HopIndex(0), &sendme).unwrap();
+            assert_eq!(
+                hop.handle_forward(body).unwrap(),
+                Forward::ForMe(sendme.clone()),
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sendme_for_cells_not_received_is_fatal() {
+        use crate::flow::CIRCUIT_SENDME_INCREMENT;
+        // The owner sent a whole increment; the client read none of it and
+        // guesses the tag.
+        let (mut c, mut hop) = one_hop();
+        for i in 0..CIRCUIT_SENDME_INCREMENT as u8 {
+            hop.originate(&data(i)).unwrap();
+        }
+        let body = forged_sendme(&mut c, [0; 16]);
+        assert_eq!(
+            hop.handle_forward(body).unwrap_err(),
+            CircuitError::Protocol("SENDME with a wrong tag")
+        );
+        assert!(hop.is_torn_down());
+        // Before a whole increment was sent, any circuit SENDME is a lie.
+        let (mut c, mut hop) = one_hop();
+        hop.originate(&data(0)).unwrap();
+        let body = forged_sendme(&mut c, [0; 16]);
+        assert_eq!(
+            hop.handle_forward(body).unwrap_err(),
+            CircuitError::WindowViolation
+        );
+    }
+
+    #[test]
+    fn tags_kept_are_bounded_by_the_window() {
+        use crate::flow::{CIRCUIT_SENDME_INCREMENT, CIRCUIT_WINDOW};
+        // Without SENDMEs an end never has more than a window of DATA out
+        // (its driver's window says so); the tags it keeps stop at a
+        // window's worth whatever the driver does.
+        let (mut c, mut hop) = one_hop();
+        let limit = CIRCUIT_WINDOW + CIRCUIT_SENDME_INCREMENT - 1;
+        for i in 0..limit {
+            c.open(hop.originate(&data(i as u8)).unwrap()).unwrap();
+        }
+        assert_eq!(
+            hop.originate(&data(0)).unwrap_err(),
+            CircuitError::Usage("DATA beyond the circuit window")
         );
     }
 }

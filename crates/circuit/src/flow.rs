@@ -9,7 +9,14 @@
 //! increment of cells, so a slow reader slows the writer. A sender that gets
 //! a SENDME crediting more than it sent, or a receiver that gets more DATA
 //! than the window, sees a protocol violation: tear the circuit down.
+//!
+//! Circuit SENDMEs are also authenticated ([`SendmeAuth`], kept inside the
+//! circuit state rather than by the driver, since only the circuit sees the
+//! AEAD tags): each echoes the tag of the DATA cell it acknowledges.
 
+use crate::cell::CellBody;
+use crate::layer::{DirLayer, plaintext, plaintext_mut};
+use crate::msg::{FlowScope, RelayMsg, TAG_LEN};
 use crate::{CircuitError, Result};
 
 /// DATA cells a circuit may have in flight per direction.
@@ -20,6 +27,120 @@ pub const CIRCUIT_SENDME_INCREMENT: u32 = 32;
 pub const STREAM_WINDOW: u32 = 128;
 /// DATA cells delivered per stream-level SENDME.
 pub const STREAM_SENDME_INCREMENT: u32 = 16;
+
+/// Bytes of the tag a circuit-level SENDME carries.
+pub const SENDME_TAG_LEN: usize = TAG_LEN;
+
+/// SENDMEs the data ends can owe each other at once: a window's worth.
+const SENDMES_IN_FLIGHT: usize = (CIRCUIT_WINDOW / CIRCUIT_SENDME_INCREMENT) as usize;
+
+/// Authenticated circuit-level SENDMEs (PROTOCOL.md §9.8), kept by the
+/// circuit state of each data end for the other.
+///
+/// A circuit SENDME carries the AEAD tag of the DATA cell that completed
+/// the increment it acknowledges (the 32nd, 64th, … received). The tag
+/// depends on the cell's content and is only seen once the cell has passed
+/// every layer, so an end cannot acknowledge cells it never received: it
+/// cannot make the other end send faster than it reads.
+#[derive(Default)]
+pub(crate) struct SendmeAuth {
+    sent: u64,
+    /// Tags of the DATA cells sent that a SENDME must echo, oldest first.
+    expected: std::collections::VecDeque<[u8; SENDME_TAG_LEN]>,
+    received: u64,
+    /// Tags the next SENDMEs sent will carry, oldest first.
+    owed: std::collections::VecDeque<[u8; SENDME_TAG_LEN]>,
+}
+
+impl SendmeAuth {
+    /// Whether the next DATA cell sent completes an increment.
+    fn next_sent_completes(&self) -> bool {
+        self.sent
+            .saturating_add(1)
+            .is_multiple_of(u64::from(CIRCUIT_SENDME_INCREMENT))
+    }
+
+    /// A DATA cell was sealed with `tag`.
+    fn on_data_sealed(&mut self, tag: [u8; SENDME_TAG_LEN]) {
+        if self.next_sent_completes() {
+            self.expected.push_back(tag);
+        }
+        self.sent = self.sent.saturating_add(1);
+    }
+
+    /// A DATA cell sealed with `tag` was opened.
+    pub(crate) fn on_data_opened(&mut self, tag: [u8; SENDME_TAG_LEN]) -> Result<()> {
+        self.received = self.received.saturating_add(1);
+        if self
+            .received
+            .is_multiple_of(u64::from(CIRCUIT_SENDME_INCREMENT))
+        {
+            if self.owed.len() >= SENDMES_IN_FLIGHT {
+                return Err(CircuitError::WindowViolation);
+            }
+            self.owed.push_back(tag);
+        }
+        Ok(())
+    }
+
+    /// Encodes `msg`, gives a circuit SENDME its tag and seals the cell for
+    /// the other data end with `layer`; notes a DATA cell's tag.
+    pub(crate) fn seal(&mut self, layer: &mut DirLayer, msg: &RelayMsg) -> Result<CellBody> {
+        // Misuse is refused before anything moves.
+        if msg.is_data() && self.next_sent_completes() && self.expected.len() >= SENDMES_IN_FLIGHT {
+            return Err(CircuitError::Usage("DATA beyond the circuit window"));
+        }
+        let sendme = matches!(msg, RelayMsg::Sendme(FlowScope::Circuit));
+        if sendme && self.owed.is_empty() {
+            return Err(CircuitError::Usage(
+                "circuit SENDME before its cells arrived",
+            ));
+        }
+        let mut body = CellBody::zeroed(msg.cell_size()?);
+        msg.encode_into(plaintext_mut(body.as_mut_bytes()))?;
+        if sendme && let Some(tag) = self.owed.pop_front() {
+            RelayMsg::put_sendme_tag(plaintext_mut(body.as_mut_bytes()), &tag)?;
+        }
+        layer.seal(body.as_mut_bytes())?;
+        if msg.is_data() {
+            self.on_data_sealed(tag_of(&body)?);
+        }
+        Ok(body)
+    }
+
+    /// `msg` was opened from `body`, sent by the other data end: notes a
+    /// DATA cell's tag, checks a circuit SENDME's.
+    pub(crate) fn opened(&mut self, body: &CellBody, msg: &RelayMsg) -> Result<()> {
+        match msg {
+            RelayMsg::Data { .. } => self.on_data_opened(tag_of(body)?),
+            RelayMsg::Sendme(FlowScope::Circuit) => {
+                self.check_received(RelayMsg::sendme_tag(plaintext(body.as_bytes())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A circuit SENDME carrying `tag` arrived.
+    pub(crate) fn check_received(&mut self, tag: &[u8]) -> Result<()> {
+        use subtle::ConstantTimeEq;
+        let want = self
+            .expected
+            .pop_front()
+            .ok_or(CircuitError::WindowViolation)?;
+        if !bool::from(want.as_slice().ct_eq(tag)) {
+            return Err(CircuitError::Protocol("SENDME with a wrong tag"));
+        }
+        Ok(())
+    }
+}
+
+/// The AEAD tag at the end of a sealed body.
+fn tag_of(body: &CellBody) -> Result<[u8; SENDME_TAG_LEN]> {
+    let b = body.as_bytes();
+    b.get(b.len().saturating_sub(TAG_LEN)..)
+        .and_then(|t| t.try_into().ok())
+        .ok_or(CircuitError::BadCell)
+}
 
 /// The sending side of a window.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@ use vx6_proto::link::StreamId;
 use vx6_proto::name::{MAX_NAME_LEN, ServiceName};
 
 use crate::cell::{CellSize, Create, Created, Reason};
+use crate::flow::SENDME_TAG_LEN;
 use crate::{CircuitError, Result};
 
 /// Bytes of the "recognized" field at the start of every cell body.
@@ -217,8 +218,13 @@ impl RelayMsg {
             RelayMsg::End { reason, .. } | RelayMsg::Truncated { reason } => {
                 w.u8(reason.code());
             }
+            // The circuit fills the tag in when it seals (`put_sendme_tag`):
+            // only it knows the cell being acknowledged.
+            RelayMsg::Sendme(FlowScope::Circuit) => {
+                w.raw(&[0u8; SENDME_TAG_LEN]);
+            }
             RelayMsg::Connected { .. }
-            | RelayMsg::Sendme(_)
+            | RelayMsg::Sendme(FlowScope::Stream(_))
             | RelayMsg::Truncate
             | RelayMsg::Drop => {}
         }
@@ -301,6 +307,23 @@ impl RelayMsg {
         Ok(())
     }
 
+    /// Where a circuit SENDME's tag sits in its plaintext.
+    const SENDME_TAG: std::ops::Range<usize> = MSG_HEADER_LEN..MSG_HEADER_LEN + SENDME_TAG_LEN;
+
+    /// Writes `tag` into an encoded circuit SENDME's plaintext.
+    pub(crate) fn put_sendme_tag(plain: &mut [u8], tag: &[u8; SENDME_TAG_LEN]) -> Result<()> {
+        plain
+            .get_mut(Self::SENDME_TAG)
+            .ok_or(CircuitError::BadCell)?
+            .copy_from_slice(tag);
+        Ok(())
+    }
+
+    /// The tag of a decoded circuit SENDME's plaintext.
+    pub(crate) fn sendme_tag(plain: &[u8]) -> &[u8] {
+        plain.get(Self::SENDME_TAG).unwrap_or_default()
+    }
+
     /// Decodes a padded plaintext. The padding must be all zero and every
     /// field canonical, so one message has exactly one plaintext.
     pub(crate) fn decode_padded(plain: &[u8]) -> Result<Self> {
@@ -354,11 +377,12 @@ impl RelayMsg {
                 stream,
                 reason: Reason::from_code(r.u8()?)?,
             },
-            cmd::SENDME => RelayMsg::Sendme(if stream.0 == 0 {
-                FlowScope::Circuit
-            } else {
-                FlowScope::Stream(stream)
-            }),
+            cmd::SENDME if stream.0 == 0 => {
+                // The tag is checked by the circuit (`sendme_tag`).
+                r.take(SENDME_TAG_LEN)?;
+                RelayMsg::Sendme(FlowScope::Circuit)
+            }
+            cmd::SENDME => RelayMsg::Sendme(FlowScope::Stream(stream)),
             cmd::TRUNCATE => RelayMsg::Truncate,
             cmd::TRUNCATED => RelayMsg::Truncated {
                 reason: Reason::from_code(r.u8()?)?,

@@ -24,8 +24,9 @@ use vx6_proto::NodeId;
 
 use crate::cell::{CellBody, Create, Created, Reason};
 use crate::error::Life;
+use crate::flow::SendmeAuth;
 use crate::handshake::relay_handshake;
-use crate::layer::{HopKeys, plaintext, plaintext_mut};
+use crate::layer::{HopKeys, plaintext};
 use crate::msg::{Direction, RelayMsg};
 use crate::{CircuitError, Result};
 
@@ -56,6 +57,8 @@ pub struct RelayHop {
     keys: HopKeys,
     next: NextHop,
     life: Life,
+    /// SENDME tags, for when this hop is the circuit's data end (the owner).
+    auth: SendmeAuth,
 }
 
 impl fmt::Debug for RelayHop {
@@ -85,6 +88,7 @@ impl RelayHop {
                 keys,
                 next: NextHop::None,
                 life: Life::default(),
+                auth: SendmeAuth::default(),
             },
             created,
         ))
@@ -142,6 +146,7 @@ impl RelayHop {
                 "backward-only message travelling forward",
             ));
         }
+        self.auth.opened(&body, &msg)?;
         if matches!(msg, RelayMsg::Extend { .. }) {
             if self.next != NextHop::None {
                 return Err(CircuitError::Protocol(
@@ -194,10 +199,7 @@ impl RelayHop {
     }
 
     fn seal_backward(&mut self, msg: &RelayMsg) -> Result<CellBody> {
-        let mut body = CellBody::zeroed(msg.cell_size()?);
-        msg.encode_into(plaintext_mut(body.as_mut_bytes()))?;
-        self.keys.bwd.seal(body.as_mut_bytes())?;
-        Ok(body)
+        self.auth.seal(&mut self.keys.bwd, msg)
     }
 
     /// The next hop answered our CREATE with `created` (relay it verbatim;

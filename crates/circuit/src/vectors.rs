@@ -14,7 +14,7 @@ use crate::client::{ClientCircuit, HopIndex};
 use crate::handshake::relay_key_material;
 use crate::relay::{Forward, RelayHop};
 use crate::{CircuitError, Result, onion_keypair_from_seed};
-use crate::{cell::CellBody, msg::RelayMsg};
+use crate::{cell::CellBody, msg::FlowScope, msg::RelayMsg};
 
 /// One vector: its name in the document and its bytes.
 #[derive(Debug)]
@@ -116,9 +116,19 @@ pub fn generate() -> Result<Vec<Vector>> {
         name: "circuit-forward-cell",
         bytes: forward.into_vec(),
     });
+    client.open(back.clone())?;
     build.push(Vector {
         name: "circuit-backward-cell",
         bytes: back.into_vec(),
+    });
+    for _ in 0..crate::flow::CIRCUIT_SENDME_INCREMENT {
+        client.open(hop1.handle_backward(hop2.originate(&forward_message())?)?)?;
+    }
+    build.push(Vector {
+        name: "circuit-sendme-cell",
+        bytes: client
+            .seal(HopIndex(1), &RelayMsg::Sendme(FlowScope::Circuit))?
+            .into_vec(),
     });
     Ok(build)
 }
@@ -155,8 +165,17 @@ mod tests {
             hop2.handle_forward(at2).unwrap(),
             Forward::ForMe(forward_message())
         );
-        // The backward cell opens at the client as hop 2's CONNECTED.
+        // The backward cell is hop 2's CONNECTED after hop 1's layer, and
+        // opens at the client as such.
         let back = CellBody::from_vec(named(&v, "circuit-backward-cell")).unwrap();
+        let connected = RelayMsg::Connected {
+            stream: StreamId(1),
+        };
+        assert_eq!(
+            hop1.handle_backward(hop2.originate(&connected).unwrap())
+                .unwrap(),
+            back
+        );
         assert_eq!(
             client.open(back).unwrap(),
             (
@@ -165,6 +184,20 @@ mod tests {
                     stream: StreamId(1)
                 }
             )
+        );
+        // The SENDME opens at hop 2 only once hop 2 has sent 32 DATA cells,
+        // and only because it echoes the tag of the 32nd (hop 2 checks).
+        for _ in 0..crate::flow::CIRCUIT_SENDME_INCREMENT {
+            let cell = hop2.originate(&forward_message()).unwrap();
+            client.open(hop1.handle_backward(cell).unwrap()).unwrap();
+        }
+        let sendme = CellBody::from_vec(named(&v, "circuit-sendme-cell")).unwrap();
+        let Forward::Next(at2) = hop1.handle_forward(sendme).unwrap() else {
+            panic!("hop 1 must pass the SENDME on")
+        };
+        assert_eq!(
+            hop2.handle_forward(at2).unwrap(),
+            Forward::ForMe(RelayMsg::Sendme(FlowScope::Circuit))
         );
         // `recognized` is a keyed marker, never a constant: not in the
         // EXTEND that hop 1 recognizes, nor in the cell for hop 2 after hop 1
