@@ -10,7 +10,7 @@
 //! a SENDME crediting more than it sent, or a receiver that gets more DATA
 //! than the window, sees a protocol violation: tear the circuit down.
 //!
-//! Circuit SENDMEs are also authenticated ([`SendmeAuth`], kept inside the
+//! Circuit SENDMEs are also authenticated (`SendmeAuth`, kept inside the
 //! circuit state rather than by the driver, since only the circuit sees the
 //! AEAD tags): each echoes the tag of the DATA cell it acknowledges.
 
