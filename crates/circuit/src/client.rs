@@ -399,6 +399,7 @@ mod tests {
             CircuitError::Protocol("EXTENDED without EXTEND")
         );
     }
+
     fn data(n: u8) -> RelayMsg {
         RelayMsg::Data {
             stream: StreamId(1),

@@ -69,7 +69,7 @@ impl SendmeAuth {
     }
 
     /// A DATA cell sealed with `tag` was opened.
-    pub(crate) fn on_data_opened(&mut self, tag: [u8; SENDME_TAG_LEN]) -> Result<()> {
+    fn on_data_opened(&mut self, tag: [u8; SENDME_TAG_LEN]) -> Result<()> {
         self.received = self.received.saturating_add(1);
         if self
             .received
@@ -121,7 +121,7 @@ impl SendmeAuth {
     }
 
     /// A circuit SENDME carrying `tag` arrived.
-    pub(crate) fn check_received(&mut self, tag: &[u8]) -> Result<()> {
+    fn check_received(&mut self, tag: &[u8]) -> Result<()> {
         use subtle::ConstantTimeEq;
         let want = self
             .expected
