@@ -103,7 +103,11 @@ pub struct ChannelConfig {
 impl Default for ChannelConfig {
     fn default() -> Self {
         Self {
-            stream_window: 1 << 20,
+            // 8 MiB, not 1: a 1 MiB window held one loopback stream to
+            // ≈ 0.85 GiB/s with CPU to spare (+25 % up, +50 % down with 4
+            // or 8 MiB, A/B), and to 20 MiB/s at a 50 ms round trip. The
+            // channel window still bounds what all streams may buffer.
+            stream_window: 8 << 20,
             channel_window: 16 << 20,
             max_streams: 512,
             accept_queue: 128,

@@ -158,7 +158,7 @@ fn frame_vectors() -> Result<Vec<Vector>> {
         vector("frame-data", frame(Cmd::Data, 1, &[SERVICE_ACCEPTED])),
         vector(
             "frame-window-stream",
-            frame(Cmd::Window, 1, &u32p(512 * 1024)),
+            frame(Cmd::Window, 1, &u32p(4 * 1024 * 1024)),
         ),
         vector(
             "frame-window-channel",

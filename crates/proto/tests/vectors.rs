@@ -279,7 +279,7 @@ fn frame_vectors_decode_as_documented() {
 
     let (h, p) = frame("frame-window-stream");
     assert_eq!((h.cmd, h.stream.0), (Cmd::Window, 1));
-    assert_eq!(decode_u32_payload(&p).unwrap(), 512 * 1024);
+    assert_eq!(decode_u32_payload(&p).unwrap(), 4 * 1024 * 1024);
     let (h, p) = frame("frame-window-channel");
     assert_eq!((h.cmd, h.stream.0), (Cmd::Window, 0));
     assert_eq!(decode_u32_payload(&p).unwrap(), 8 * 1024 * 1024);
