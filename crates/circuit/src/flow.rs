@@ -15,7 +15,7 @@
 //! AEAD tags): each echoes the tag of the DATA cell it acknowledges.
 
 use crate::cell::CellBody;
-use crate::layer::{DirLayer, plaintext, plaintext_mut};
+use crate::layer::{DirLayer, plaintext, plaintext_mut, tag};
 use crate::msg::{FlowScope, RelayMsg, TAG_LEN};
 use crate::{CircuitError, Result};
 
@@ -103,7 +103,7 @@ impl SendmeAuth {
         }
         layer.seal(body.as_mut_bytes())?;
         if msg.is_data() {
-            self.on_data_sealed(tag_of(&body)?);
+            self.on_data_sealed(tag(body.as_bytes())?);
         }
         Ok(body)
     }
@@ -112,7 +112,7 @@ impl SendmeAuth {
     /// DATA cell's tag, checks a circuit SENDME's.
     pub(crate) fn opened(&mut self, body: &CellBody, msg: &RelayMsg) -> Result<()> {
         match msg {
-            RelayMsg::Data { .. } => self.on_data_opened(tag_of(body)?),
+            RelayMsg::Data { .. } => self.on_data_opened(tag(body.as_bytes())?),
             RelayMsg::Sendme(FlowScope::Circuit) => {
                 self.check_received(RelayMsg::sendme_tag(plaintext(body.as_bytes())))
             }
@@ -132,14 +132,6 @@ impl SendmeAuth {
         }
         Ok(())
     }
-}
-
-/// The AEAD tag at the end of a sealed body.
-fn tag_of(body: &CellBody) -> Result<[u8; SENDME_TAG_LEN]> {
-    let b = body.as_bytes();
-    b.get(b.len().saturating_sub(TAG_LEN)..)
-        .and_then(|t| t.try_into().ok())
-        .ok_or(CircuitError::BadCell)
 }
 
 /// The sending side of a window.

@@ -78,6 +78,13 @@ pub(crate) fn plaintext(body: &[u8]) -> &[u8] {
     body.get(RECOGNIZED_LEN..end).unwrap_or_default()
 }
 
+/// The AEAD tag at the end of a sealed body.
+pub(crate) fn tag(body: &[u8]) -> Result<[u8; TAG_LEN]> {
+    body.get(body.len().saturating_sub(TAG_LEN)..)
+        .and_then(|t| t.try_into().ok())
+        .ok_or(CircuitError::BadCell)
+}
+
 /// The plaintext region of a body, writable.
 pub(crate) fn plaintext_mut(body: &mut [u8]) -> &mut [u8] {
     let end = body.len().saturating_sub(TAG_LEN);
