@@ -74,7 +74,7 @@ impl CellBody {
         if CellSize::from_len(v.len()).is_none() {
             return Err(vx6_proto::Error::Invalid {
                 what: "relay cell",
-                why: "body is not 512 or 8192 bytes",
+                why: "body is not 512 or 16384 bytes",
             }
             .into());
         }
@@ -500,12 +500,12 @@ mod tests {
         assert_eq!(LinkCellKind::from_cmd(Cmd::Data), None);
         assert_eq!(CREATE_LEN, 2 + PUBLIC_KEY_LEN);
         assert_eq!(CREATED_LEN, PUBLIC_KEY_LEN + AUTH_LEN);
-        assert_eq!((CellSize::SMALL_LEN, CellSize::LARGE_LEN), (512, 8192));
+        assert_eq!((CellSize::SMALL_LEN, CellSize::LARGE_LEN), (512, 16384));
     }
 
     #[test]
     fn relay_body_sizes() {
-        for n in [0, 1, 511, 513, 8191, 8193, 65536] {
+        for n in [0, 1, 511, 513, 8192, 16383, 16385, 65536] {
             assert!(CellBody::from_vec(vec![0; n]).is_err(), "{n}");
             assert!(LinkCell::decode(LinkCellKind::Relay, &vec![0; n]).is_err());
         }
@@ -514,7 +514,7 @@ mod tests {
             CellSize::Small
         );
         assert_eq!(
-            CellBody::from_vec(vec![0; 8192]).unwrap().size(),
+            CellBody::from_vec(vec![0; 16384]).unwrap().size(),
             CellSize::Large
         );
     }

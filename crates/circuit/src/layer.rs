@@ -59,7 +59,7 @@ fn next(counter: &mut u64) -> Result<u64> {
 }
 
 /// `recognized || ciphertext || tag` → the three parts, or `BadCell` for a
-/// body too short to hold them (cells are 512 or 8192 bytes; never short).
+/// body too short to hold them (cells are 512 or 16384 bytes; never short).
 fn split(body: &mut [u8]) -> Result<(&mut [u8], &mut [u8], &mut [u8])> {
     let (rec, rest) = body
         .split_at_mut_checked(RECOGNIZED_LEN)
@@ -154,7 +154,7 @@ impl DirLayer {
 
     /// XORs the keystream of cell `counter` with plain CTR.
     fn keystream_ctr(&self, counter: u64, body: &mut [u8]) -> Result<()> {
-        // Cells are at most 8 KiB: the 32-bit block counter never wraps.
+        // Cells are at most 16 KiB: the 32-bit block counter never wraps.
         self.xor_ctr([0; 4], counter, FIRST_BLOCK, body)
     }
 
@@ -378,11 +378,11 @@ mod tests {
     fn stream_layer_is_an_involution_per_counter() {
         let mut a = keys(2);
         let mut b = keys(2);
-        let mut body = vec![7u8; 8192];
+        let mut body = vec![7u8; 16384];
         a.bwd.apply_stream(&mut body).unwrap();
-        assert_ne!(body, vec![7u8; 8192]);
+        assert_ne!(body, vec![7u8; 16384]);
         b.bwd.apply_stream(&mut body).unwrap();
-        assert_eq!(body, vec![7u8; 8192]);
+        assert_eq!(body, vec![7u8; 16384]);
         // Next counter gives a different keystream.
         let mut x = vec![0u8; 64];
         let mut y = vec![0u8; 64];
@@ -408,7 +408,7 @@ mod tests {
     fn gcm_and_ctr_give_the_same_keystream() {
         // Whichever path this CPU takes, the other must agree byte for byte.
         let k = keys(9);
-        for len in [0, 1, 15, 16, 17, 511, 512, 2047, 2048, 4099, 8192] {
+        for len in [0, 1, 15, 16, 17, 511, 512, 2047, 2048, 4099, 8192, 16384] {
             for counter in [0u64, 1, 0xfffe, u64::MAX - 1] {
                 let mut a: Vec<u8> = (0..len).map(|i| i as u8).collect();
                 let mut b = a.clone();

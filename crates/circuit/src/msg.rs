@@ -30,7 +30,7 @@ pub const BODY_OVERHEAD: usize = RECOGNIZED_LEN + TAG_LEN;
 pub const MSG_HEADER_LEN: usize = 7;
 /// Most `data` bytes a small cell holds (481).
 pub const SMALL_DATA_MAX: usize = CellSize::SMALL_LEN - BODY_OVERHEAD - MSG_HEADER_LEN;
-/// Most `data` bytes a large cell holds (8161); the largest DATA message.
+/// Most `data` bytes a large cell holds (16353); the largest DATA message.
 pub const LARGE_DATA_MAX: usize = CellSize::LARGE_LEN - BODY_OVERHEAD - MSG_HEADER_LEN;
 
 /// Which way a message travels along the circuit.
@@ -481,7 +481,7 @@ mod tests {
             assert_eq!(m.cell_size().unwrap(), want, "{m:?}");
         }
         assert_eq!(SMALL_DATA_MAX, 481);
-        assert_eq!(LARGE_DATA_MAX, 8161);
+        assert_eq!(LARGE_DATA_MAX, 16353);
     }
 
     #[test]

@@ -326,10 +326,11 @@ pub struct IncomingCircuit {
     pub rx: CircuitRx,
 }
 
-/// Cells one circuit may have waiting before its reader must take them.
-/// Honest peers stay far below it (the circuit window is smaller); a
-/// circuit whose peer overflows it is ended (that circuit only).
-pub const CIRCUIT_QUEUE: usize = 1024;
+/// Cells one circuit may have waiting before its reader must take them:
+/// twice the DATA an honest end may have in flight (the circuit window),
+/// and at most 8 MiB of large cells. A circuit whose peer overflows it is
+/// ended (that circuit only).
+pub const CIRCUIT_QUEUE: usize = 512;
 
 /// Handle to a running channel; cheap to clone.
 ///

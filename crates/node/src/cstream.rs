@@ -59,7 +59,7 @@ impl Drop for Entry {
     }
 }
 
-/// Most DATA cells one socket write takes (64 KiB of large cells).
+/// Most DATA cells one socket write takes (128 KiB of large cells).
 const WRITE_CELLS: usize = 8;
 
 /// All streams of one circuit end.

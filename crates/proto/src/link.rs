@@ -28,7 +28,7 @@ pub const MAX_FRAME_PAYLOAD: usize = MAX_DATA_PAYLOAD;
 /// The two relay cell sizes (PROTOCOL.md §9): small for control and
 /// interactive data, large for bulk. A relay learns only the size class.
 pub const CELL_SMALL_LEN: usize = 512;
-pub const CELL_LARGE_LEN: usize = 8192;
+pub const CELL_LARGE_LEN: usize = 16384;
 /// CREATE payload: `u16 handshake type || X25519 public key`.
 pub const CREATE_LEN: usize = 2 + 32;
 /// CREATED payload: `X25519 public key || 32-byte auth`.
