@@ -9,14 +9,23 @@ its own (the deployment relay mode is for), and the transfer goes as fast as
 its busiest node allows. Both modes run in the same script, alternating, over
 the same nodes and the same budget.
 
+With --netns every node is also a host of its own, as in the netlab tests
+(NETLAB.md): its own network namespace, its own address in its own /48
+(fd00:i::1) on a shared bridge, so path selection applies its real prefix
+rule and every link crosses a veth pair and a bridge instead of loopback. The
+published service listens on the owner's 127.0.0.1 and the client's forward
+on the client's, each inside its namespace.
+
     sudo python3 scripts/bench-hosts.py [--quota 0.35] [--mib 512] [--rounds 3]
-                                        [--transport tcp|quic|both]
+                                        [--transport tcp|quic|both] [--netns]
 
 Needs root and the cgroup v1 `cpu` controller or cgroup v2 with `cpu`
 enabled; prints a Markdown report on stdout.
 """
 
 import argparse
+import ctypes
+import contextlib
 import json
 import os
 import shutil
@@ -97,9 +106,12 @@ def source(conn, n):
         left -= k
 
 
-def transfer(port, direction, n):
-    """MiB/s of one transfer of n bytes through the forward on `port`."""
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as c:
+def transfer(port, direction, n, ns=None):
+    """MiB/s of one transfer of n bytes through the forward on `port`
+    (127.0.0.1 in namespace `ns`, or here)."""
+    with in_netns(ns):
+        c = socket.create_connection(("127.0.0.1", port), timeout=120)
+    with c:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t0 = time.monotonic()
         if direction == "up":
@@ -111,6 +123,76 @@ def transfer(port, direction, n):
             c.sendall(b"D" + n.to_bytes(8, "big"))
             sink(c, n)
         return n / (1 << 20) / (time.monotonic() - t0)
+
+
+# --- hosts as network namespaces -----------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(ns):
+    """Sockets made inside this block live in namespace `ns` (None: here).
+    setns(2) moves only the calling thread, and it moves back on exit."""
+    if ns is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(home)
+        os.close(target)
+
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class Netns:
+    """A hub namespace with a bridge, and one namespace per host on it."""
+
+    def __init__(self):
+        self.prefix = f"vx6bh{os.getpid()}"
+        self.made = []
+        self.next = 1
+        hub = self.prefix + "h"
+        self._add(hub)
+        ip("-n", hub, "link", "add", "br0", "type", "bridge")
+        ip("-n", hub, "link", "set", "br0", "up")
+        self.hub = hub
+
+    def _add(self, ns):
+        ip("netns", "add", ns)
+        self.made.append(ns)
+
+    def host(self):
+        """A new host: (namespace, its address)."""
+        i = self.next
+        self.next += 1
+        ns, veth = f"{self.prefix}n{i}", f"{self.prefix}v{i}"
+        self._add(ns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("link", "set", veth, "netns", self.hub)
+        ip("-n", self.hub, "link", "set", veth, "master", "br0")
+        ip("-n", self.hub, "link", "set", veth, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        addr = f"fd00:{i:x}::1"
+        ip("-n", ns, "-6", "addr", "add", f"{addr}/16", "dev", "eth0", "nodad")
+        return ns, addr
+
+    def cleanup(self):
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # --- CPU budgets -------------------------------------------------------------
@@ -167,14 +249,21 @@ class Cgroups:
 
 
 class Net:
-    def __init__(self, vx6, work, cg, transport):
+    def __init__(self, vx6, work, cg, transport, netns=None):
         self.vx6, self.work, self.cg, self.transport = vx6, work, cg, transport
+        self.netns = netns
         self.procs = []
         self.ports = {}
+        self.addrs = {}
+        self.ns = {}
+
+    def exec_prefix(self, name):
+        ns = self.ns.get(name)
+        return ["ip", "netns", "exec", ns] if ns else []
 
     def cli(self, name, *args, check=True):
         r = subprocess.run(
-            [self.vx6, "--home", os.path.join(self.work, name), *args],
+            [*self.exec_prefix(name), self.vx6, "--home", os.path.join(self.work, name), *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -184,16 +273,21 @@ class Net:
         return r.stdout
 
     def start(self, name, peer=None):
-        port = free_port()
+        if self.netns:
+            self.ns[name], self.addrs[name] = self.netns.host()
+            port = 4000
+        else:
+            self.addrs[name], port = "::1", free_port()
         self.ports[name] = port
-        args = ["init", "--name", name, "--listen", f"[::1]:{port}",
+        args = ["init", "--name", name, "--listen", f"[{self.addrs[name]}]:{port}",
                 "--transport", self.transport]
         if peer:
-            args += ["--peer", f"[::1]:{self.ports[peer]}"]
+            args += ["--peer", self.endpoint(peer)]
         self.cli(name, *args)
         log = open(os.path.join(self.work, f"{name}.log"), "w")
+        # `ip netns exec` execs the daemon in place: the pid is the node's.
         p = subprocess.Popen(
-            [self.vx6, "--home", os.path.join(self.work, name), "node"],
+            [*self.exec_prefix(name), self.vx6, "--home", os.path.join(self.work, name), "node"],
             stdout=log,
             stderr=log,
             env={**os.environ, "VX6_LOG": "warn"},
@@ -201,6 +295,9 @@ class Net:
         self.procs.append(p)
         self.cg.add(name, p.pid)
         wait_for(lambda: self.cli(name, "status", check=False) != "")
+
+    def endpoint(self, name):
+        return f"[{self.addrs[name]}]:{self.ports[name]}"
 
     def cpu_seconds(self):
         """Each node's CPU time so far (user + system), by name."""
@@ -248,6 +345,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--transport", choices=["tcp", "quic", "both"], default="both",
                     help="what every node speaks, so what its links can be (default both)")
+    ap.add_argument("--netns", action="store_true",
+                    help="every node a host in its own network namespace and /48")
     ap.add_argument("--vx6", default=os.path.join(ROOT, "target/release/vx6"))
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -257,71 +356,85 @@ def main():
 
     cg = Cgroups(a.quota)
     work = tempfile.mkdtemp(prefix="vx6-bench-hosts.")
-    net = Net(a.vx6, work, cg, a.transport)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    threading.Thread(target=serve_bulk, args=(listener,), daemon=True).start()
+    netns = None
+    net = None
     try:
-        net.start("owner")
-        for r in ("relay1", "relay2", "relay3"):
-            net.start(r, peer="owner")
-        net.start("client", peer="owner")
-        net.cli("owner", "service", "add", "bulk", f"127.0.0.1:{listener.getsockname()[1]}")
-        owner_id = json.loads(net.cli("owner", "identity", "--json"))["node_id"]
-        direct = connect(
-            net, "client", "--addr", f"[::1]:{net.ports['owner']}", "--service", "bulk",
-            "--node", owner_id, "--transport", "quic" if a.transport == "quic" else "tcp",
-        )
-        wait_for(lambda: net.cli("client", "resolve", "owner.bulk") != "")
-        relayed = None
-
-        def open_relay():
-            nonlocal relayed
-            relayed = connect(net, "client", "owner.bulk", "--via", "relay")
-            return True
-
-        wait_for(open_relay, timeout=60)
-        n = a.mib << 20
-        res = {(m, d): [] for m in ("direct", "relay") for d in ("up", "down")}
-        cpu = {k: {} for k in res}
-        for _ in range(a.rounds):
-            for mode, port in (("direct", direct), ("relay", relayed)):
-                for d in ("up", "down"):
-                    before = net.cpu_seconds()
-                    res[(mode, d)].append(transfer(port, d, n))
-                    for name, t in net.cpu_seconds().items():
-                        used = cpu[(mode, d)].get(name, 0.0) + t - before[name]
-                        cpu[(mode, d)][name] = used
-        med = {k: statistics.median(v) for k, v in res.items()}
-        print("# vx6 bench-hosts: relay vs direct, one CPU budget per node")
-        print()
-        print(f"- nodes: owner, 3 relays, client; each `vx6 node` in its own cgroup "
-              f"with {a.quota} CPU; machine: {os.cpu_count()} CPUs; links: {a.transport}")
-        print(f"- {a.mib} MiB per transfer, median of {a.rounds} rounds, modes alternating")
-        print()
-        print("| mode | up MiB/s | down MiB/s | up × direct | down × direct |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for mode in ("direct", "relay"):
-            up, down = med[(mode, "up")], med[(mode, "down")]
-            print(f"| {mode} | {up:.0f} | {down:.0f} | "
-                  f"{up / med[('direct', 'up')]:.2f}× | {down / med[('direct', 'down')]:.2f}× |")
-        print()
-        # Which node the budget binds: the one with the most CPU per byte.
-        names = list(net.ports)
-        gib = a.rounds * n / (1 << 30)
-        print("| CPU s/GiB | " + " | ".join(names) + " |")
-        print("| --- |" + " ---: |" * len(names))
-        for (mode, d), used in cpu.items():
-            cells = " | ".join(f"{used.get(x, 0.0) / gib:.2f}" for x in names)
-            print(f"| {mode} {d} | {cells} |")
-        print()
-        for k, v in res.items():
-            print(f"- {k[0]} {k[1]} per round, MiB/s: {[round(x) for x in v]}")
+        netns = Netns() if a.netns else None
+        net = Net(a.vx6, work, cg, a.transport, netns)
+        run(a, net)
     finally:
-        net.stop()
+        if net:
+            net.stop()
+        if netns:
+            netns.cleanup()
         cg.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run(a, net):
+    net.start("owner")
+    with in_netns(net.ns.get("owner")):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+    threading.Thread(target=serve_bulk, args=(listener,), daemon=True).start()
+    for r in ("relay1", "relay2", "relay3"):
+        net.start(r, peer="owner")
+    net.start("client", peer="owner")
+    net.cli("owner", "service", "add", "bulk", f"127.0.0.1:{listener.getsockname()[1]}")
+    owner_id = json.loads(net.cli("owner", "identity", "--json"))["node_id"]
+    direct = connect(
+        net, "client", "--addr", net.endpoint("owner"), "--service", "bulk",
+        "--node", owner_id, "--transport", "quic" if a.transport == "quic" else "tcp",
+    )
+    wait_for(lambda: net.cli("client", "resolve", "owner.bulk") != "")
+    relayed = None
+
+    def open_relay():
+        nonlocal relayed
+        relayed = connect(net, "client", "owner.bulk", "--via", "relay")
+        return True
+
+    wait_for(open_relay, timeout=60)
+    n = a.mib << 20
+    res = {(m, d): [] for m in ("direct", "relay") for d in ("up", "down")}
+    cpu = {k: {} for k in res}
+    for _ in range(a.rounds):
+        for mode, port in (("direct", direct), ("relay", relayed)):
+            for d in ("up", "down"):
+                before = net.cpu_seconds()
+                res[(mode, d)].append(transfer(port, d, n, net.ns.get("client")))
+                for name, t in net.cpu_seconds().items():
+                    used = cpu[(mode, d)].get(name, 0.0) + t - before[name]
+                    cpu[(mode, d)][name] = used
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print("# vx6 bench-hosts: relay vs direct, one CPU budget per node")
+    print()
+    where = ("each in its own network namespace and /48 on one bridge"
+             if a.netns else "all on loopback")
+    print(f"- nodes: owner, 3 relays, client; each `vx6 node` in its own cgroup "
+          f"with {a.quota} CPU; {where}; machine: {os.cpu_count()} CPUs; "
+          f"links: {a.transport}")
+    print(f"- {a.mib} MiB per transfer, median of {a.rounds} rounds, modes alternating")
+    print()
+    print("| mode | up MiB/s | down MiB/s | up × direct | down × direct |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for mode in ("direct", "relay"):
+        up, down = med[(mode, "up")], med[(mode, "down")]
+        print(f"| {mode} | {up:.0f} | {down:.0f} | "
+              f"{up / med[('direct', 'up')]:.2f}× | {down / med[('direct', 'down')]:.2f}× |")
+    print()
+    # Which node the budget binds: the one with the most CPU per byte.
+    names = list(net.ports)
+    gib = a.rounds * n / (1 << 30)
+    print("| CPU s/GiB | " + " | ".join(names) + " |")
+    print("| --- |" + " ---: |" * len(names))
+    for (mode, d), used in cpu.items():
+        cells = " | ".join(f"{used.get(x, 0.0) / gib:.2f}" for x in names)
+        print(f"| {mode} {d} | {cells} |")
+    print()
+    for k, v in res.items():
+        print(f"- {k[0]} {k[1]} per round, MiB/s: {[round(x) for x in v]}")
 
 
 if __name__ == "__main__":
