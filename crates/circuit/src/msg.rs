@@ -259,7 +259,11 @@ impl RelayMsg {
 
     /// The smallest cell size this message fits in.
     pub fn cell_size(&self) -> Result<CellSize> {
-        let n = self.payload().len();
+        // DATA is measured, not encoded: this runs for every bulk cell.
+        let n = match self {
+            RelayMsg::Data { data, .. } => data.len(),
+            _ => self.payload().len(),
+        };
         if n <= SMALL_DATA_MAX {
             Ok(CellSize::Small)
         } else if n <= LARGE_DATA_MAX {
