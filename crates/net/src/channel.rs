@@ -98,6 +98,9 @@ pub struct ChannelConfig {
     pub keepalive: Duration,
     /// Close when no frame arrived (or no write progressed) for this long.
     pub idle_timeout: Duration,
+    /// Where the channel counts: every channel given the same `Arc` adds
+    /// to it (a node's totals); `None` gives each channel counters of its own.
+    pub stats: Option<Arc<ChannelStats>>,
 }
 
 impl Default for ChannelConfig {
@@ -114,6 +117,7 @@ impl Default for ChannelConfig {
             write_queue: 64,
             keepalive: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
+            stats: None,
         }
     }
 }
@@ -148,7 +152,8 @@ pub enum Role {
     Acceptor,
 }
 
-/// Counters for status and tests.
+/// Counters for status and tests: one channel's, or the sum over every
+/// channel that shares them ([`ChannelConfig::stats`]).
 #[derive(Debug, Default)]
 pub struct ChannelStats {
     /// Bytes read from the connection, headers included.
@@ -275,7 +280,7 @@ struct Shared {
     /// A GOAWAY waits in the ordered queue.
     goaway_queued: AtomicBool,
     closed: watch::Sender<bool>,
-    stats: ChannelStats,
+    stats: Arc<ChannelStats>,
     /// Relay circuits on this channel: where the reader delivers their cells.
     circuits: Mutex<HashMap<u32, mpsc::Sender<CircuitCell>>>,
 }
@@ -433,7 +438,7 @@ impl Channel {
             idle_notify: tokio::sync::Notify::new(),
             goaway_queued: AtomicBool::new(false),
             closed,
-            stats: ChannelStats::default(),
+            stats: cfg.stats.clone().unwrap_or_default(),
             circuits: Mutex::new(HashMap::new()),
             cfg,
         });
@@ -463,6 +468,7 @@ impl Channel {
     pub fn is_dialer(&self) -> bool {
         self.shared.role == Role::Dialer
     }
+    /// What this channel counts into (shared if its config said so).
     pub fn stats(&self) -> &ChannelStats {
         &self.shared.stats
     }

@@ -61,16 +61,14 @@ impl StreamHandler for RefuseAll {
 }
 
 impl AnonLinks {
-    pub async fn new(kinds: &[vx6_proto::record::TransportKind]) -> Result<Self> {
+    pub async fn new(
+        kinds: &[vx6_proto::record::TransportKind],
+        chan_cfg: ChannelConfig,
+    ) -> Result<Self> {
         let key = NodeKeypair::generate();
         let tr = Transports::bind(&key, &[], kinds, NetConfig::default()).await?;
         Ok(Self {
-            pool: Pool::new(
-                Arc::new(tr),
-                ChannelConfig::default(),
-                Arc::new(RefuseAll),
-                1024,
-            ),
+            pool: Pool::new(Arc::new(tr), chan_cfg, Arc::new(RefuseAll), 1024),
             recent_failures: std::sync::Mutex::new(std::collections::HashMap::new()),
             circuits_built: AtomicU64::new(0),
             circuits_failed: AtomicU64::new(0),

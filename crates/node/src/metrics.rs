@@ -18,7 +18,8 @@ pub fn render(node: &Node) -> String {
     let ts = node.pool().transports().stats();
     let mut out = String::new();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 11] = [
+    let l = &node.inner().links;
+    let counters: [(&str, &str, u64); 16] = [
         (
             "service_streams_total",
             "Service streams opened by peers.",
@@ -73,6 +74,31 @@ pub fn render(node: &Node) -> String {
             "handshakes_timed_out_total",
             "Inbound handshakes timed out.",
             ts.handshakes_timed_out,
+        ),
+        (
+            "link_bytes_in_total",
+            "Bytes read from channels, headers included.",
+            load(&l.bytes_in),
+        ),
+        (
+            "link_bytes_out_total",
+            "Bytes written to channels, headers included.",
+            load(&l.bytes_out),
+        ),
+        (
+            "link_streams_refused_total",
+            "Streams peers opened that were refused (too many, queue full).",
+            load(&l.streams_refused),
+        ),
+        (
+            "link_protocol_errors_total",
+            "Channels closed because the peer broke the protocol.",
+            load(&l.protocol_errors),
+        ),
+        (
+            "link_circuits_overflowed_total",
+            "Circuits ended because the peer overran their queue.",
+            load(&l.circuits_overflowed),
         ),
     ];
     for (name, help, v) in counters {

@@ -123,6 +123,9 @@ pub(crate) struct Inner {
     pub(crate) dht: crate::dht::DhtState,
     pub(crate) relay: crate::relay::RelayState,
     pub(crate) anon: crate::circuits::AnonLinks,
+    /// What every channel of this node (its own and its anonymous ones)
+    /// counts: bytes, refused streams, protocol errors, overflowed circuits.
+    pub(crate) links: Arc<vx6_net::channel::ChannelStats>,
     /// Addresses each node has been seen at over an authenticated channel
     /// (either direction): the only addresses this node dials for it.
     seen_at: Mutex<HashMap<NodeId, Vec<std::net::IpAddr>>>,
@@ -303,12 +306,17 @@ impl Node {
         let id = key.node_id();
         let onion_secret = key.onion_secret();
         let relay_budget = config.relay.max_circuits as usize;
-        let anon = crate::circuits::AnonLinks::new(&kinds).await?;
+        let links = Arc::new(vx6_net::channel::ChannelStats::default());
+        let chan_cfg = ChannelConfig {
+            stats: Some(links.clone()),
+            ..ChannelConfig::default()
+        };
+        let anon = crate::circuits::AnonLinks::new(&kinds, chan_cfg.clone()).await?;
         let dht = crate::dht::DhtState::new(id, &config, &db)?;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
             pool: Pool::new(
                 transports.clone(),
-                ChannelConfig::default(),
+                chan_cfg,
                 Arc::new(Dispatch(weak.clone())),
                 4096,
             ),
@@ -328,6 +336,7 @@ impl Node {
             dht,
             relay: crate::relay::RelayState::new(relay_budget),
             anon,
+            links,
             own_bytes: Arc::new(AtomicU64::new(0)),
             seen_at: Mutex::new(HashMap::new()),
             _lock: lock,
@@ -1065,11 +1074,26 @@ impl Node {
                 "handshakes_timed_out": ts.handshakes_timed_out,
                 "dropped_over_limit": ts.dropped_over_limit,
             },
+            "links": self.link_counters(),
             "discovery": crate::discovery::status(self),
             "circuits": {
                 "own": self.inner.anon.status(),
                 "relay": self.inner.relay.status(),
             },
+        })
+    }
+
+    /// What all of this node's channels counted, for status and metrics.
+    pub fn link_counters(&self) -> serde_json::Value {
+        let l = &self.inner.links;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "bytes_in": load(&l.bytes_in),
+            "bytes_out": load(&l.bytes_out),
+            "streams_opened": load(&l.streams_opened),
+            "streams_refused": load(&l.streams_refused),
+            "protocol_errors": load(&l.protocol_errors),
+            "circuits_overflowed": load(&l.circuits_overflowed),
         })
     }
 

@@ -22,6 +22,13 @@ async fn scrape(addr: SocketAddr) -> String {
     out
 }
 
+fn ep_of(node: &Node) -> vx6_proto::record::Endpoint {
+    node.local_endpoints()
+        .into_iter()
+        .find(|e| e.transport == vx6_proto::record::TransportKind::Tcp)
+        .unwrap()
+}
+
 fn value(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -88,6 +95,39 @@ async fn metrics_are_prometheus_text_and_count_what_happens() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(value(&later, "vx6_handshakes_failed_total"), 1, "{later}");
+    // A peer that passes the handshake and then sends a frame no channel
+    // may carry (an unknown command) is a protocol error: counted in both
+    // the metrics and `status`.
+    assert_eq!(value(&later, "vx6_link_protocol_errors_total"), 0);
+    let key = vx6_proto::identity::NodeKeypair::generate();
+    let kinds = [vx6_proto::record::TransportKind::Tcp];
+    let dialer = vx6_net::transport::Transports::bind(&key, &[], &kinds, Default::default())
+        .await
+        .unwrap();
+    let mut conn = dialer
+        .dial(ep_of(&node), vx6_net::transport::Expect::Node(node.id()))
+        .await
+        .unwrap();
+    conn.io
+        .wr
+        .write_all(&[0xee; vx6_proto::link::FRAME_HEADER_LEN])
+        .await
+        .unwrap();
+    conn.io.wr.flush().await.unwrap();
+    for _ in 0..50 {
+        later = scrape(addr).await;
+        if value(&later, "vx6_link_protocol_errors_total") >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        value(&later, "vx6_link_protocol_errors_total"),
+        1,
+        "{later}"
+    );
+    assert_eq!(node.status()["links"]["protocol_errors"], 1);
+    assert!(value(&later, "vx6_link_bytes_out_total") > 0, "{later}");
     // Only totals: no address or key of anyone appears.
     assert!(!later.contains("127.0.0.1") && !later.contains(&node.id().to_string()));
     node.shutdown();
