@@ -59,6 +59,8 @@ use vx6_proto::link::{
 };
 use vx6_proto::record::TransportKind;
 
+pub use crate::circuit_queue::{CIRCUIT_QUEUE, CellMemory, CircuitCell};
+use crate::circuit_queue::{Push, QueueRx, QueueTx, queue};
 use crate::transport::{Conn, LinkRead, LinkWrite};
 use crate::{NetError, Result};
 
@@ -101,6 +103,9 @@ pub struct ChannelConfig {
     /// Where the channel counts: every channel given the same `Arc` adds
     /// to it (a node's totals); `None` gives each channel counters of its own.
     pub stats: Option<Arc<ChannelStats>>,
+    /// The memory the channel's circuit queues share with every channel
+    /// given the same `Arc` (a node's); `None`: a default-sized one of its own.
+    pub cell_memory: Option<Arc<CellMemory>>,
 }
 
 impl Default for ChannelConfig {
@@ -118,6 +123,7 @@ impl Default for ChannelConfig {
             keepalive: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
             stats: None,
+            cell_memory: None,
         }
     }
 }
@@ -167,7 +173,8 @@ pub struct ChannelStats {
     /// Times the peer broke the protocol (each closes the channel).
     pub protocol_errors: AtomicU64,
     /// Circuits ended because the peer sent more cells than their queue
-    /// holds (each ends only that circuit).
+    /// holds, or more than their share of scarce cell memory (each ends
+    /// only that circuit).
     pub circuits_overflowed: AtomicU64,
 }
 
@@ -282,14 +289,8 @@ struct Shared {
     closed: watch::Sender<bool>,
     stats: Arc<ChannelStats>,
     /// Relay circuits on this channel: where the reader delivers their cells.
-    circuits: Mutex<HashMap<u32, mpsc::Sender<CircuitCell>>>,
-}
-
-/// One link-level circuit message (CREATE, CREATED, RELAY or DESTROY).
-#[derive(Debug, Clone)]
-pub struct CircuitCell {
-    pub cmd: Cmd,
-    pub payload: Bytes,
+    circuits: Mutex<HashMap<u32, QueueTx>>,
+    cell_memory: Arc<CellMemory>,
 }
 
 /// Cells arriving on one circuit of a channel. Dropping it forgets the
@@ -297,7 +298,7 @@ pub struct CircuitCell {
 pub struct CircuitRx {
     shared: Arc<Shared>,
     id: u32,
-    rx: mpsc::Receiver<CircuitCell>,
+    rx: QueueRx,
 }
 
 impl CircuitRx {
@@ -330,12 +331,6 @@ pub struct IncomingCircuit {
     pub create: Bytes,
     pub rx: CircuitRx,
 }
-
-/// Cells one circuit may have waiting before its reader must take them:
-/// twice the DATA an honest end may have in flight (the circuit window),
-/// and at most 8 MiB of large cells. A circuit whose peer overflows it is
-/// ended (that circuit only).
-pub const CIRCUIT_QUEUE: usize = 512;
 
 /// Handle to a running channel; cheap to clone.
 ///
@@ -439,6 +434,7 @@ impl Channel {
             goaway_queued: AtomicBool::new(false),
             closed,
             stats: cfg.stats.clone().unwrap_or_default(),
+            cell_memory: cfg.cell_memory.clone().unwrap_or_default(),
             circuits: Mutex::new(HashMap::new()),
             cfg,
         });
@@ -590,7 +586,7 @@ impl Channel {
             if id == 0 || map.contains_key(&id) {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(CIRCUIT_QUEUE);
+            let (tx, rx) = queue(&sh.cell_memory);
             map.insert(id, tx);
             return Ok((
                 CircId(id),
@@ -1291,17 +1287,19 @@ fn handle_circuit_frame(
     let id = hdr.circ.0;
     let known = lock(&shared.circuits).get(&id).cloned();
     if let Some(tx) = known {
-        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(CircuitCell {
+        let cell = CircuitCell {
             cmd: hdr.cmd,
             payload,
-        }) {
-            // More than a circuit window: the peer may be an honest relay
-            // passing on what a lying end sent, so only this circuit ends.
-            // Its receiver sees the circuit closed once it has taken what
-            // is queued; the peer is told with DESTROY.
+        };
+        if tx.push(cell) == Push::Refused {
+            // More than a circuit window, or more than its share of scarce
+            // memory: the peer may be an honest relay passing on what a
+            // lying end sent, so only this circuit ends. Its receiver sees
+            // the circuit closed once it has taken what is queued; the peer
+            // is told with DESTROY.
             {
                 let mut map = lock(&shared.circuits);
-                if map.get(&id).is_some_and(|t| t.same_channel(&tx)) {
+                if map.get(&id).is_some_and(|t| t.same_queue(&tx)) {
                     map.remove(&id);
                 }
             }
@@ -1325,7 +1323,7 @@ fn handle_circuit_frame(
     if id & 0x8000_0000 != peer_bit {
         return Err("circuit id of the wrong side");
     }
-    let (tx, rx) = mpsc::channel(CIRCUIT_QUEUE);
+    let (tx, rx) = queue(&shared.cell_memory);
     {
         let mut map = lock(&shared.circuits);
         if map.len() >= shared.cfg.max_streams {

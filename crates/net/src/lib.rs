@@ -8,12 +8,14 @@
 //! - [`transport`]: TLS 1.3 over TCP and QUIC behind one trait; over TCP,
 //!   rustls runs the handshake and `tcplink`/`record` move the records;
 //! - [`channel`]: the channel → circuit → stream framing with per-stream flow
-//!   control over any authenticated connection;
+//!   control over any authenticated connection; [`circuit_queue`] holds the
+//!   cells it hands to circuits, within a memory budget;
 //! - [`pool`]: one pooled channel per peer.
 //!
 //! It knows nothing of services, names, the DHT or relays.
 
 pub mod channel;
+pub mod circuit_queue;
 mod error;
 pub mod pool;
 mod record;

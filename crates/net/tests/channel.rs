@@ -2131,6 +2131,85 @@ async fn a_circuit_that_overflows_its_queue_ends_alone() {
     assert_no_lib_panics();
 }
 
+/// Circuit queues share a memory budget: once it is spent, the circuit that
+/// holds more than its fair share and pushes further ends (DESTROY, counted),
+/// while a circuit holding little is still served; every byte is given back
+/// when cells are taken or their queue is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuits_share_a_memory_budget_and_the_greedy_one_ends() {
+    use vx6_net::channel::CellMemory;
+    use vx6_net::circuit_queue::FAIR_SHARE;
+    use vx6_proto::link::{CELL_LARGE_LEN, CELL_SMALL_LEN, CREATE_LEN};
+    let limit = 2 * FAIR_SHARE;
+    let memory = Arc::new(CellMemory::new(limit));
+    let cfg = ChannelConfig {
+        cell_memory: Some(memory.clone()),
+        ..ChannelConfig::default()
+    };
+    let (chan, inc, mut raw) = raw_pair(cfg, 1 << 20);
+    let (_streams, mut circs) = inc.split();
+    let cell = |cmd: Cmd, circ: u32, payload: &[u8]| {
+        let hdr = FrameHeader {
+            cmd,
+            circ: CircId(circ),
+            stream: StreamId(0),
+            len: payload.len() as u32,
+        };
+        let mut buf = hdr.encode().to_vec();
+        buf.extend_from_slice(payload);
+        buf
+    };
+    let (greedy, calm, dropped) = (0x8000_0011, 0x8000_0022, 0x8000_0033);
+    for id in [greedy, calm, dropped] {
+        raw.write_raw(&cell(Cmd::Create, id, &[0u8; CREATE_LEN]))
+            .await;
+    }
+    let mut greedy_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
+    let mut calm_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
+    let dropped_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
+    // A queue dropped with cells in it gives their memory back.
+    for _ in 0..4 {
+        raw.write_raw(&cell(Cmd::Relay, dropped, &[9u8; CELL_LARGE_LEN]))
+            .await;
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while memory.used() < 4 * CELL_LARGE_LEN {
+        assert!(std::time::Instant::now() < deadline, "cells not queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(dropped_rx);
+    assert_eq!(memory.used(), 0);
+    // Nobody reads the greedy circuit: the budget fits `limit` bytes of its
+    // cells (well under its queue's cell limit), the next one ends it.
+    let fits = limit / CELL_LARGE_LEN;
+    assert!(fits < vx6_net::channel::CIRCUIT_QUEUE);
+    let mut burst = Vec::new();
+    for _ in 0..=fits {
+        burst.extend_from_slice(&cell(Cmd::Relay, greedy, &[1u8; CELL_LARGE_LEN]));
+    }
+    raw.write_raw(&burst).await;
+    let (h, p) = raw.next().await;
+    assert_eq!((h.cmd, h.circ.0), (Cmd::Destroy, greedy), "{p:?}");
+    assert_eq!(memory.used(), limit);
+    // The memory is spent, but the calm circuit holds nothing: served.
+    raw.write_raw(&cell(Cmd::Relay, calm, &[2u8; CELL_SMALL_LEN]))
+        .await;
+    let got = timeout(WAIT, calm_rx.rx.recv()).await.unwrap().unwrap();
+    assert_eq!((got.cmd, got.payload[0]), (Cmd::Relay, 2));
+    // The greedy receiver gets what was queued, then the end.
+    let mut queued = 0;
+    while let Some(c) = timeout(WAIT, greedy_rx.rx.recv()).await.unwrap() {
+        assert_eq!(c.payload[0], 1);
+        queued += 1;
+    }
+    assert_eq!(queued, fits);
+    assert_eq!(memory.used(), 0);
+    assert!(!chan.is_closed());
+    assert_eq!(chan.stats().circuits_overflowed.load(Ordering::SeqCst), 1);
+    assert_eq!(chan.stats().protocol_errors.load(Ordering::SeqCst), 0);
+    assert_no_lib_panics();
+}
+
 /// A retired channel (a newer one to the same peer exists) keeps serving a
 /// stream the peer opens right after the retirement — both ends may have
 /// dialed at once and the peer may still prefer this channel — and closes

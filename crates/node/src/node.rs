@@ -126,6 +126,8 @@ pub(crate) struct Inner {
     /// What every channel of this node (its own and its anonymous ones)
     /// counts: bytes, refused streams, protocol errors, overflowed circuits.
     pub(crate) links: Arc<vx6_net::channel::ChannelStats>,
+    /// The memory all of this node's circuit queues share.
+    pub(crate) cell_memory: Arc<vx6_net::channel::CellMemory>,
     /// Addresses each node has been seen at over an authenticated channel
     /// (either direction): the only addresses this node dials for it.
     seen_at: Mutex<HashMap<NodeId, Vec<std::net::IpAddr>>>,
@@ -307,8 +309,10 @@ impl Node {
         let onion_secret = key.onion_secret();
         let relay_budget = config.relay.max_circuits as usize;
         let links = Arc::new(vx6_net::channel::ChannelStats::default());
+        let cell_memory = Arc::new(vx6_net::channel::CellMemory::default());
         let chan_cfg = ChannelConfig {
             stats: Some(links.clone()),
+            cell_memory: Some(cell_memory.clone()),
             ..ChannelConfig::default()
         };
         let anon = crate::circuits::AnonLinks::new(&kinds, chan_cfg.clone()).await?;
@@ -337,6 +341,7 @@ impl Node {
             relay: crate::relay::RelayState::new(relay_budget),
             anon,
             links,
+            cell_memory,
             own_bytes: Arc::new(AtomicU64::new(0)),
             seen_at: Mutex::new(HashMap::new()),
             _lock: lock,
@@ -1094,6 +1099,7 @@ impl Node {
             "streams_refused": load(&l.streams_refused),
             "protocol_errors": load(&l.protocol_errors),
             "circuits_overflowed": load(&l.circuits_overflowed),
+            "queued_cell_bytes": self.inner.cell_memory.used(),
         })
     }
 
