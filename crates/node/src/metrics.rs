@@ -112,6 +112,11 @@ pub fn render(node: &Node) -> String {
         "# HELP vx6_channels Live channels.\n# TYPE vx6_channels gauge\nvx6_channels {}",
         node.pool().channels().len()
     );
+    let _ = writeln!(
+        out,
+        "# HELP vx6_queued_cell_bytes Cell bytes waiting in circuit queues.\n# TYPE vx6_queued_cell_bytes gauge\nvx6_queued_cell_bytes {}",
+        node.inner().cell_memory.used()
+    );
     out
 }
 
