@@ -128,7 +128,6 @@ async fn metrics_are_prometheus_text_and_count_what_happens() {
     );
     assert_eq!(node.status()["links"]["protocol_errors"], 1);
     assert_eq!(value(&later, "vx6_queued_cell_bytes"), 0);
-    assert!(value(&later, "vx6_link_bytes_out_total") > 0, "{later}");
     // Only totals: no address or key of anyone appears.
     assert!(!later.contains("127.0.0.1") && !later.contains(&node.id().to_string()));
     node.shutdown();
