@@ -3,8 +3,9 @@
 //!
 //! A queue holds at most [`CIRCUIT_QUEUE`] cells. The queues that share one
 //! [`CellMemory`] (a node shares one among all its channels) hold at most its
-//! limit in cell bytes, except that a circuit with less than [`FAIR_SHARE`]
-//! queued is never refused: when memory is short the circuits holding the
+//! limit in cell bytes (give or take a cell per channel reader pushing at the
+//! same moment), except that a circuit with less than [`FAIR_SHARE`] queued
+//! is never refused: when memory is short the circuits holding the
 //! most lose their cells, not the ones that hold little. A refused push ends
 //! that circuit only (the channel sends DESTROY); what was queued stays for
 //! the circuit's task to take. Without this, every relayed circuit whose next
