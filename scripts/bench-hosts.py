@@ -345,6 +345,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--transport", choices=["tcp", "quic", "both"], default="both",
                     help="what every node speaks, so what its links can be (default both)")
+    ap.add_argument("--setups", type=int, default=10,
+                    help="further relayed forwards opened to time circuit setup (default 10)")
     ap.add_argument("--netns", action="store_true",
                     help="every node a host in its own network namespace and /48")
     ap.add_argument("--vx6", default=os.path.join(ROOT, "target/release/vx6"))
@@ -396,6 +398,19 @@ def run(a, net):
         return True
 
     wait_for(open_relay, timeout=60)
+
+    # Each relayed forward builds its own circuit; the client node times
+    # each build (whole milliseconds, `status` circuits.own.last_setup_ms).
+    def own():
+        return json.loads(net.cli("client", "status", "--json"))["circuits"]["own"]
+
+    setups = []
+    for _ in range(a.setups):
+        before = own()["built"]
+        connect(net, "client", "owner.bulk", "--via", "relay")
+        st = own()
+        if st["built"] > before:
+            setups.append(st["last_setup_ms"])
     n = a.mib << 20
     res = {(m, d): [] for m in ("direct", "relay") for d in ("up", "down")}
     cpu = {k: {} for k in res}
@@ -435,6 +450,9 @@ def run(a, net):
     print()
     for k, v in res.items():
         print(f"- {k[0]} {k[1]} per round, MiB/s: {[round(x) for x in v]}")
+    if setups:
+        print(f"- circuit setup, 3 hops ({len(setups)} builds, whole ms as the client "
+              f"measures them): p50 {statistics.median(setups):.0f} ms, max {max(setups)} ms")
 
 
 if __name__ == "__main__":
