@@ -2066,6 +2066,19 @@ async fn unserved_circuits_are_refused_with_destroy() {
     );
 }
 
+/// One circuit frame as the raw peer writes it.
+fn circuit_frame(cmd: Cmd, circ: u32, payload: &[u8]) -> Vec<u8> {
+    let hdr = FrameHeader {
+        cmd,
+        circ: CircId(circ),
+        stream: StreamId(0),
+        len: payload.len() as u32,
+    };
+    let mut buf = hdr.encode().to_vec();
+    buf.extend_from_slice(payload);
+    buf
+}
+
 /// A circuit whose peer sends more cells than its queue holds ends alone:
 /// DESTROY for it, its receiver closes after the cells it holds, and the
 /// channel and another circuit on it carry on (a relay passing on what a
@@ -2075,21 +2088,11 @@ async fn a_circuit_that_overflows_its_queue_ends_alone() {
     use vx6_proto::link::{CELL_SMALL_LEN, CREATE_LEN};
     let (chan, inc, mut raw) = raw_pair(ChannelConfig::default(), 1 << 20);
     let (_streams, mut circs) = inc.split();
-    let cell = |cmd: Cmd, circ: u32, payload: &[u8]| {
-        let hdr = FrameHeader {
-            cmd,
-            circ: CircId(circ),
-            stream: StreamId(0),
-            len: payload.len() as u32,
-        };
-        let mut buf = hdr.encode().to_vec();
-        buf.extend_from_slice(payload);
-        buf
-    };
+
     // The raw peer dials, so its ids carry the top bit.
     let (flood, calm) = (0x8000_0011, 0x8000_0022);
     for id in [flood, calm] {
-        raw.write_raw(&cell(Cmd::Create, id, &[0u8; CREATE_LEN]))
+        raw.write_raw(&circuit_frame(Cmd::Create, id, &[0u8; CREATE_LEN]))
             .await;
     }
     let mut flood_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
@@ -2102,10 +2105,10 @@ async fn a_circuit_that_overflows_its_queue_ends_alone() {
     // Nobody reads the flooded circuit: one cell more than its queue holds.
     let mut burst = Vec::new();
     for _ in 0..=vx6_net::channel::CIRCUIT_QUEUE {
-        burst.extend_from_slice(&cell(Cmd::Relay, flood, &[1u8; CELL_SMALL_LEN]));
+        burst.extend_from_slice(&circuit_frame(Cmd::Relay, flood, &[1u8; CELL_SMALL_LEN]));
     }
     raw.write_raw(&burst).await;
-    raw.write_raw(&cell(Cmd::Relay, calm, &[2u8; CELL_SMALL_LEN]))
+    raw.write_raw(&circuit_frame(Cmd::Relay, calm, &[2u8; CELL_SMALL_LEN]))
         .await;
     let (h, p) = raw.next().await;
     assert_eq!((h.cmd, h.circ.0), (Cmd::Destroy, flood), "{p:?}");
@@ -2119,9 +2122,9 @@ async fn a_circuit_that_overflows_its_queue_ends_alone() {
     }
     assert_eq!(queued, vx6_net::channel::CIRCUIT_QUEUE);
     // Later cells for it are dropped; the channel stays up.
-    raw.write_raw(&cell(Cmd::Relay, flood, &[3u8; CELL_SMALL_LEN]))
+    raw.write_raw(&circuit_frame(Cmd::Relay, flood, &[3u8; CELL_SMALL_LEN]))
         .await;
-    raw.write_raw(&cell(Cmd::Relay, calm, &[4u8; CELL_SMALL_LEN]))
+    raw.write_raw(&circuit_frame(Cmd::Relay, calm, &[4u8; CELL_SMALL_LEN]))
         .await;
     let got = timeout(WAIT, calm_rx.rx.recv()).await.unwrap().unwrap();
     assert_eq!(got.payload[0], 4);
@@ -2148,20 +2151,10 @@ async fn circuits_share_a_memory_budget_and_the_greedy_one_ends() {
     };
     let (chan, inc, mut raw) = raw_pair(cfg, 1 << 20);
     let (_streams, mut circs) = inc.split();
-    let cell = |cmd: Cmd, circ: u32, payload: &[u8]| {
-        let hdr = FrameHeader {
-            cmd,
-            circ: CircId(circ),
-            stream: StreamId(0),
-            len: payload.len() as u32,
-        };
-        let mut buf = hdr.encode().to_vec();
-        buf.extend_from_slice(payload);
-        buf
-    };
+
     let (greedy, calm, dropped) = (0x8000_0011, 0x8000_0022, 0x8000_0033);
     for id in [greedy, calm, dropped] {
-        raw.write_raw(&cell(Cmd::Create, id, &[0u8; CREATE_LEN]))
+        raw.write_raw(&circuit_frame(Cmd::Create, id, &[0u8; CREATE_LEN]))
             .await;
     }
     let mut greedy_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
@@ -2169,7 +2162,7 @@ async fn circuits_share_a_memory_budget_and_the_greedy_one_ends() {
     let dropped_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
     // A queue dropped with cells in it gives their memory back.
     for _ in 0..4 {
-        raw.write_raw(&cell(Cmd::Relay, dropped, &[9u8; CELL_LARGE_LEN]))
+        raw.write_raw(&circuit_frame(Cmd::Relay, dropped, &[9u8; CELL_LARGE_LEN]))
             .await;
     }
     let deadline = std::time::Instant::now() + WAIT;
@@ -2185,14 +2178,14 @@ async fn circuits_share_a_memory_budget_and_the_greedy_one_ends() {
     assert!(fits < vx6_net::channel::CIRCUIT_QUEUE);
     let mut burst = Vec::new();
     for _ in 0..=fits {
-        burst.extend_from_slice(&cell(Cmd::Relay, greedy, &[1u8; CELL_LARGE_LEN]));
+        burst.extend_from_slice(&circuit_frame(Cmd::Relay, greedy, &[1u8; CELL_LARGE_LEN]));
     }
     raw.write_raw(&burst).await;
     let (h, p) = raw.next().await;
     assert_eq!((h.cmd, h.circ.0), (Cmd::Destroy, greedy), "{p:?}");
     assert_eq!(memory.used(), limit);
     // The memory is spent, but the calm circuit holds nothing: served.
-    raw.write_raw(&cell(Cmd::Relay, calm, &[2u8; CELL_SMALL_LEN]))
+    raw.write_raw(&circuit_frame(Cmd::Relay, calm, &[2u8; CELL_SMALL_LEN]))
         .await;
     let got = timeout(WAIT, calm_rx.rx.recv()).await.unwrap().unwrap();
     assert_eq!((got.cmd, got.payload[0]), (Cmd::Relay, 2));
