@@ -29,7 +29,8 @@ pub const CIRCUIT_QUEUE: usize = 512;
 /// is: 64 large cells, a quarter of an honest circuit window.
 pub const FAIR_SHARE: usize = 1 << 20;
 
-/// The default limit of a [`CellMemory`]: 256 MiB.
+/// The default limit of a [`CellMemory`]: 256 MiB (a node takes its own
+/// from `relay.max_queued_mib`).
 pub const CELL_MEMORY_DEFAULT: usize = 256 << 20;
 
 /// One link-level circuit message (CREATE, CREATED, RELAY or DESTROY).

@@ -40,6 +40,9 @@ pub const MAX_TOML_FILE_LEN: u64 = 1 << 20;
 
 const MAX_DHT_K: usize = 256;
 const MAX_RELAY_CIRCUITS: u32 = 1_000_000;
+/// Bounds of `relay.max_queued_mib`: below 16 MiB a few honest bulk
+/// circuits would already count as hogs; above 64 GiB it is no bound.
+const QUEUED_MIB: std::ops::RangeInclusive<u32> = 16..=65536;
 
 // ---------------------------------------------------------------------------
 // config.toml
@@ -106,6 +109,10 @@ pub struct RelaySection {
     pub path_prefix_v6: u8,
     /// ...or an IPv4 prefix of this many bits.
     pub path_prefix_v4: u8,
+    /// Memory (MiB) all circuit queues of this node may hold together;
+    /// past it, a circuit holding more than its fair share that receives
+    /// another cell is ended (PROTOCOL.md §9.8). Read at start.
+    pub max_queued_mib: u32,
 }
 
 impl Default for RelaySection {
@@ -116,6 +123,7 @@ impl Default for RelaySection {
             max_transit_share: 0.5,
             path_prefix_v6: 48,
             path_prefix_v4: 16,
+            max_queued_mib: 256,
         }
     }
 }
@@ -225,6 +233,17 @@ impl Config {
                 format!(
                     "must be at most {MAX_RELAY_CIRCUITS}, not {}",
                     self.relay.max_circuits
+                ),
+            ));
+        }
+        if !QUEUED_MIB.contains(&self.relay.max_queued_mib) {
+            return Err(bad(
+                "relay.max_queued_mib",
+                format!(
+                    "must be between {} and {}, not {}",
+                    QUEUED_MIB.start(),
+                    QUEUED_MIB.end(),
+                    self.relay.max_queued_mib
                 ),
             ));
         }
@@ -758,6 +777,7 @@ mod tests {
                 max_transit_share: 0.5,
                 path_prefix_v6: 48,
                 path_prefix_v4: 16,
+                max_queued_mib: 256,
             }
         );
         assert!(c.advertise.is_empty() && c.peers.is_empty() && c.metrics_listen.is_none());
@@ -781,6 +801,7 @@ mod tests {
             max_transit_share: 0.25,
             path_prefix_v6: 40,
             path_prefix_v4: 24,
+            max_queued_mib: 64,
         };
         c.metrics_listen = Some("127.0.0.1:9100".parse().unwrap());
         c.save(&home.config_path()).unwrap();
@@ -841,6 +862,10 @@ mod tests {
             (
                 "name = \"a\"\n[relay]\nmax_circuits = 2000000\n",
                 "'relay.max_circuits'",
+            ),
+            (
+                "name = \"a\"\n[relay]\nmax_queued_mib = 1\n",
+                "'relay.max_queued_mib'",
             ),
             ("name = [\n", "cannot parse"),
         ];

@@ -309,7 +309,9 @@ impl Node {
         let onion_secret = key.onion_secret();
         let relay_budget = config.relay.max_circuits as usize;
         let links = Arc::new(vx6_net::channel::ChannelStats::default());
-        let cell_memory = Arc::new(vx6_net::channel::CellMemory::default());
+        let cell_memory = Arc::new(vx6_net::channel::CellMemory::new(
+            (config.relay.max_queued_mib as usize) << 20,
+        ));
         let chan_cfg = ChannelConfig {
             stats: Some(links.clone()),
             cell_memory: Some(cell_memory.clone()),
@@ -1100,6 +1102,7 @@ impl Node {
             "protocol_errors": load(&l.protocol_errors),
             "circuits_overflowed": load(&l.circuits_overflowed),
             "queued_cell_bytes": self.inner.cell_memory.used(),
+            "queued_cell_limit": self.inner.cell_memory.limit(),
         })
     }
 

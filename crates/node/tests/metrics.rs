@@ -43,6 +43,7 @@ async fn metrics_are_prometheus_text_and_count_what_happens() {
     let home = Home::new(dir.path().join("home"));
     let mut cfg = Config::new(NodeName::new("metered").unwrap());
     cfg.listen = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+    cfg.relay.max_queued_mib = 64;
     home.init(&cfg).unwrap();
     let node = Node::start(home).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -128,6 +129,8 @@ async fn metrics_are_prometheus_text_and_count_what_happens() {
     );
     assert_eq!(node.status()["links"]["protocol_errors"], 1);
     assert_eq!(value(&later, "vx6_queued_cell_bytes"), 0);
+    // The circuit queues' budget is the one configured.
+    assert_eq!(node.status()["links"]["queued_cell_limit"], 64 << 20);
     // Only totals: no address or key of anyone appears.
     assert!(!later.contains("127.0.0.1") && !later.contains(&node.id().to_string()));
     node.shutdown();
