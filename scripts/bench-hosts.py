@@ -164,11 +164,12 @@ class Netns:
         self.prefix = f"vx6bh{os.getpid()}"
         self.made = []
         self.next = 1
-        hub = self.prefix + "h"
-        self._add(hub)
-        ip("-n", hub, "link", "add", "br0", "type", "bridge")
-        ip("-n", hub, "link", "set", "br0", "up")
-        self.hub = hub
+        self.hub = self.prefix + "h"
+
+    def start(self):
+        self._add(self.hub)
+        ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.hub, "link", "set", "br0", "up")
 
     def _add(self, ns):
         ip("netns", "add", ns)
@@ -361,7 +362,9 @@ def main():
     netns = None
     net = None
     try:
-        netns = Netns() if a.netns else None
+        if a.netns:
+            netns = Netns()
+            netns.start()
         net = Net(a.vx6, work, cg, a.transport, netns)
         run(a, net)
     finally:
