@@ -97,7 +97,7 @@ pub fn render(node: &Node) -> String {
         ),
         (
             "link_circuits_overflowed_total",
-            "Circuits ended because the peer overran their queue.",
+            "Circuits ended for overrunning their queue or their share of queue memory.",
             load(&l.circuits_overflowed),
         ),
     ];

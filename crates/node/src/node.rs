@@ -1090,8 +1090,8 @@ impl Node {
         })
     }
 
-    /// What all of this node's channels counted, for status and metrics.
-    pub fn link_counters(&self) -> serde_json::Value {
+    /// What all of this node's channels counted (`status`'s "links").
+    fn link_counters(&self) -> serde_json::Value {
         let l = &self.inner.links;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         json!({
