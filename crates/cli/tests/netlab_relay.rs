@@ -1239,7 +1239,8 @@ fn budget_refuses_the_extra_circuit_and_keeps_own_services() {
     let t0 = Instant::now();
     let off = "enabled = false";
     let plans = vec![
-        Plan::node("owner").relay(off),
+        // The owner also caps the streams one circuit may open to it.
+        Plan::node("owner").relay("enabled = false\nmax_circuit_streams = 3"),
         Plan::node("client").relay(off).late(),
         Plan::node("client3").relay(off).late(),
         Plan::node("relay").relay("enabled = true\nmax_circuits = 2\nmax_transit_share = 0.5"),
@@ -1297,6 +1298,54 @@ fn budget_refuses_the_extra_circuit_and_keeps_own_services() {
             failures.push(format!("circuit on {port} after the refusal: {e}"));
         }
     }
+    // One circuit opens at most the owner's 3 streams at once: a fourth
+    // BEGIN is refused (the local connection is reset, nothing echoed), and
+    // once one of the three ends there is room again.
+    let begins_refused0 = num(&net.relay_status(1), "/begins_refused");
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let echoed = lab
+            .host(2)
+            .local(9001, Duration::from_secs(5))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(15)))?;
+                s.write_all(b"x")?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)?;
+                Ok(s)
+            });
+        match echoed {
+            Ok(s) => held.push(s),
+            Err(e) => failures.push(format!("stream {i} of 3 on one circuit: {e}")),
+        }
+    }
+    let (n, how) = poke(lab.host(2), 9001);
+    lab.log(format!(
+        "a fourth stream on one circuit: {n} bytes back, {how}"
+    ));
+    if n != 0 {
+        failures.push(format!(
+            "a fourth stream on one circuit was served: {n} bytes, {how}"
+        ));
+    }
+    let st = net.relay_status(1);
+    if num(&st, "/begins_refused") < begins_refused0 + 1 {
+        failures.push(format!("the owner did not count the refused BEGIN: {st}"));
+    }
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match request(lab.host(2), 9001, b"room again", Duration::from_secs(5)) {
+            Ok(()) => break,
+            Err(e) if Instant::now() > deadline => {
+                failures.push(format!("no room after one of three streams ended: {e}"));
+                break;
+            }
+            Err(_) => thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    drop(held);
+
     // Host 4 still serves its own service, directly, to a client it
     // refused to relay for.
     let out = lab.vx6(

@@ -40,6 +40,8 @@ pub const MAX_TOML_FILE_LEN: u64 = 1 << 20;
 
 const MAX_DHT_K: usize = 256;
 const MAX_RELAY_CIRCUITS: u32 = 1_000_000;
+/// Bounds of `relay.max_circuit_streams`.
+const CIRCUIT_STREAMS: std::ops::RangeInclusive<u32> = 1..=65536;
 /// Bounds of `relay.max_queued_mib`: below 16 MiB a few honest bulk
 /// circuits would already count as hogs; above 64 GiB it is no bound.
 const QUEUED_MIB: std::ops::RangeInclusive<u32> = 16..=65536;
@@ -113,6 +115,9 @@ pub struct RelaySection {
     /// past it, a circuit holding more than its fair share that receives
     /// another cell is ended (PROTOCOL.md §9.8). Read at start.
     pub max_queued_mib: u32,
+    /// Streams one circuit may have open to this node's services at once;
+    /// a BEGIN beyond them is refused (END, refused).
+    pub max_circuit_streams: u32,
 }
 
 impl Default for RelaySection {
@@ -124,6 +129,7 @@ impl Default for RelaySection {
             path_prefix_v6: 48,
             path_prefix_v4: 16,
             max_queued_mib: 256,
+            max_circuit_streams: 512,
         }
     }
 }
@@ -233,6 +239,17 @@ impl Config {
                 format!(
                     "must be at most {MAX_RELAY_CIRCUITS}, not {}",
                     self.relay.max_circuits
+                ),
+            ));
+        }
+        if !CIRCUIT_STREAMS.contains(&self.relay.max_circuit_streams) {
+            return Err(bad(
+                "relay.max_circuit_streams",
+                format!(
+                    "must be between {} and {}, not {}",
+                    CIRCUIT_STREAMS.start(),
+                    CIRCUIT_STREAMS.end(),
+                    self.relay.max_circuit_streams
                 ),
             ));
         }
@@ -778,6 +795,7 @@ mod tests {
                 path_prefix_v6: 48,
                 path_prefix_v4: 16,
                 max_queued_mib: 256,
+                max_circuit_streams: 512,
             }
         );
         assert!(c.advertise.is_empty() && c.peers.is_empty() && c.metrics_listen.is_none());
@@ -802,6 +820,7 @@ mod tests {
             path_prefix_v6: 40,
             path_prefix_v4: 24,
             max_queued_mib: 64,
+            max_circuit_streams: 8,
         };
         c.metrics_listen = Some("127.0.0.1:9100".parse().unwrap());
         c.save(&home.config_path()).unwrap();
@@ -866,6 +885,10 @@ mod tests {
             (
                 "name = \"a\"\n[relay]\nmax_queued_mib = 1\n",
                 "'relay.max_queued_mib'",
+            ),
+            (
+                "name = \"a\"\n[relay]\nmax_circuit_streams = 0\n",
+                "'relay.max_circuit_streams'",
             ),
             ("name = [\n", "cannot parse"),
         ];

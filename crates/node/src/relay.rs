@@ -414,7 +414,15 @@ async fn for_me(
                     },
                 )
             };
-            if mux.contains(stream) {
+            let max_streams = inner
+                .config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .relay
+                .max_circuit_streams as usize;
+            // BEGIN is not flow-controlled: without a cap, one circuit could
+            // open connections to the service until file descriptors ran out.
+            if mux.contains(stream) || mux.len() >= max_streams {
                 inner.relay.begins_refused.fetch_add(1, Ordering::Relaxed);
                 return Ok(vec![refuse(hop)?]);
             }
