@@ -242,28 +242,26 @@ impl Config {
                 ),
             ));
         }
-        if !CIRCUIT_STREAMS.contains(&self.relay.max_circuit_streams) {
-            return Err(bad(
-                "relay.max_circuit_streams",
-                format!(
-                    "must be between {} and {}, not {}",
-                    CIRCUIT_STREAMS.start(),
-                    CIRCUIT_STREAMS.end(),
-                    self.relay.max_circuit_streams
-                ),
-            ));
-        }
-        if !QUEUED_MIB.contains(&self.relay.max_queued_mib) {
-            return Err(bad(
-                "relay.max_queued_mib",
-                format!(
-                    "must be between {} and {}, not {}",
-                    QUEUED_MIB.start(),
-                    QUEUED_MIB.end(),
-                    self.relay.max_queued_mib
-                ),
-            ));
-        }
+        let in_range = |field: &str, v: u32, r: std::ops::RangeInclusive<u32>| {
+            if r.contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(
+                    field,
+                    format!("must be between {} and {}, not {v}", r.start(), r.end()),
+                ))
+            }
+        };
+        in_range(
+            "relay.max_circuit_streams",
+            self.relay.max_circuit_streams,
+            CIRCUIT_STREAMS,
+        )?;
+        in_range(
+            "relay.max_queued_mib",
+            self.relay.max_queued_mib,
+            QUEUED_MIB,
+        )?;
         let share = self.relay.max_transit_share;
         if !(0.0..=1.0).contains(&share) {
             return Err(bad(
