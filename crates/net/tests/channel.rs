@@ -2079,29 +2079,55 @@ fn circuit_frame(cmd: Cmd, circ: u32, payload: &[u8]) -> Vec<u8> {
     buf
 }
 
+/// The raw peer opens circuits `ids` (dialer ids, top bit set); the
+/// channel's end accepts them, in order.
+async fn open_circuits(
+    raw: &mut Raw,
+    circs: &mut vx6_net::channel::IncomingCircuits,
+    ids: &[u32],
+) -> Vec<vx6_net::channel::IncomingCircuit> {
+    for &id in ids {
+        raw.write_raw(&circuit_frame(
+            Cmd::Create,
+            id,
+            &[0u8; vx6_proto::link::CREATE_LEN],
+        ))
+        .await;
+    }
+    let mut out = Vec::new();
+    for &id in ids {
+        let c = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
+        assert_eq!(c.circ.0, id, "accepted in order");
+        out.push(c);
+    }
+    out
+}
+
+/// Exactly one circuit was ended for overflowing; the channel is up and
+/// saw no protocol error.
+fn assert_one_circuit_ended_alone(chan: &Channel) {
+    assert!(!chan.is_closed());
+    assert_eq!(chan.stats().circuits_overflowed.load(Ordering::SeqCst), 1);
+    assert_eq!(chan.stats().protocol_errors.load(Ordering::SeqCst), 0);
+    assert_no_lib_panics();
+}
+
 /// A circuit whose peer sends more cells than its queue holds ends alone:
 /// DESTROY for it, its receiver closes after the cells it holds, and the
 /// channel and another circuit on it carry on (a relay passing on what a
 /// lying end sent must not take everyone else's circuits down with it).
 #[tokio::test]
 async fn a_circuit_that_overflows_its_queue_ends_alone() {
-    use vx6_proto::link::{CELL_SMALL_LEN, CREATE_LEN};
+    use vx6_proto::link::CELL_SMALL_LEN;
     let (chan, inc, mut raw) = raw_pair(ChannelConfig::default(), 1 << 20);
     let (_streams, mut circs) = inc.split();
 
     // The raw peer dials, so its ids carry the top bit.
     let (flood, calm) = (0x8000_0011, 0x8000_0022);
-    for id in [flood, calm] {
-        raw.write_raw(&circuit_frame(Cmd::Create, id, &[0u8; CREATE_LEN]))
-            .await;
-    }
-    let mut flood_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
-    let mut calm_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
-    assert_eq!(
-        (flood_rx.circ.0, calm_rx.circ.0),
-        (flood, calm),
-        "accepted in order"
-    );
+    let [mut flood_rx, mut calm_rx]: [_; 2] = open_circuits(&mut raw, &mut circs, &[flood, calm])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
     // Nobody reads the flooded circuit: one cell more than its queue holds.
     let mut burst = Vec::new();
     for _ in 0..=vx6_net::channel::CIRCUIT_QUEUE {
@@ -2128,10 +2154,7 @@ async fn a_circuit_that_overflows_its_queue_ends_alone() {
         .await;
     let got = timeout(WAIT, calm_rx.rx.recv()).await.unwrap().unwrap();
     assert_eq!(got.payload[0], 4);
-    assert!(!chan.is_closed());
-    assert_eq!(chan.stats().circuits_overflowed.load(Ordering::SeqCst), 1);
-    assert_eq!(chan.stats().protocol_errors.load(Ordering::SeqCst), 0);
-    assert_no_lib_panics();
+    assert_one_circuit_ended_alone(&chan);
 }
 
 /// Circuit queues share a memory budget: once it is spent, the circuit that
@@ -2142,7 +2165,7 @@ async fn a_circuit_that_overflows_its_queue_ends_alone() {
 async fn circuits_share_a_memory_budget_and_the_greedy_one_ends() {
     use vx6_net::channel::CellMemory;
     use vx6_net::circuit_queue::FAIR_SHARE;
-    use vx6_proto::link::{CELL_LARGE_LEN, CELL_SMALL_LEN, CREATE_LEN};
+    use vx6_proto::link::{CELL_LARGE_LEN, CELL_SMALL_LEN};
     let limit = 2 * FAIR_SHARE;
     let memory = Arc::new(CellMemory::new(limit));
     let cfg = ChannelConfig {
@@ -2153,13 +2176,11 @@ async fn circuits_share_a_memory_budget_and_the_greedy_one_ends() {
     let (_streams, mut circs) = inc.split();
 
     let (greedy, calm, dropped) = (0x8000_0011, 0x8000_0022, 0x8000_0033);
-    for id in [greedy, calm, dropped] {
-        raw.write_raw(&circuit_frame(Cmd::Create, id, &[0u8; CREATE_LEN]))
-            .await;
-    }
-    let mut greedy_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
-    let mut calm_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
-    let dropped_rx = timeout(WAIT, circs.accept()).await.unwrap().unwrap();
+    let [mut greedy_rx, mut calm_rx, dropped_rx]: [_; 3] =
+        open_circuits(&mut raw, &mut circs, &[greedy, calm, dropped])
+            .await
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
     // A queue dropped with cells in it gives their memory back.
     for _ in 0..4 {
         raw.write_raw(&circuit_frame(Cmd::Relay, dropped, &[9u8; CELL_LARGE_LEN]))
@@ -2197,10 +2218,7 @@ async fn circuits_share_a_memory_budget_and_the_greedy_one_ends() {
     }
     assert_eq!(queued, fits);
     assert_eq!(memory.used(), 0);
-    assert!(!chan.is_closed());
-    assert_eq!(chan.stats().circuits_overflowed.load(Ordering::SeqCst), 1);
-    assert_eq!(chan.stats().protocol_errors.load(Ordering::SeqCst), 0);
-    assert_no_lib_panics();
+    assert_one_circuit_ended_alone(&chan);
 }
 
 /// A retired channel (a newer one to the same peer exists) keeps serving a
